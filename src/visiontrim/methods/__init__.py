@@ -1,0 +1,109 @@
+"""Method registry: ``visiontrim.methods.get(name)`` and ``visiontrim.methods.list()``.
+
+Everything under ``visiontrim.methods`` is pure tensor code (no transformers import), usable
+on plain tensors and by other engines.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+from ..errors import InputError
+from .base import MethodSpec, SegmentContext, Selection, Selector, options_of
+from .baselines import RandomSelect, UniformSelect, evenly_spaced
+from .budget import (
+    BUDGET_POLICIES,
+    apportion,
+    check_retain,
+    fca_budget,
+    frame_budget,
+    frame_scores,
+    retained_count,
+    uniform_budget,
+)
+from .vidcom2 import VidCom2
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; names are unique."""
+    if spec.name in _REGISTRY:
+        raise InputError(f"a method named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered under ``name``; unknown names raise :class:`InputError`."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise InputError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list() -> builtins.list[MethodSpec]:  # noqa: A001 - the public name is part of the API
+    """All registered methods, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def names() -> builtins.list[str]:
+    return sorted(_REGISTRY)
+
+
+register(
+    MethodSpec(
+        name="vidcom2",
+        stage="pre-llm",
+        summary="VidCom2: frame budgets from frame uniqueness (FCA), tokens by within-frame and video uniqueness",
+        factory=VidCom2,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("fca", "uniform"),
+        options=options_of(VidCom2),
+        reference="Liu et al., EMNLP 2025 (arXiv 2505.14454)",
+    )
+)
+register(
+    MethodSpec(
+        name="random",
+        stage="pre-llm",
+        summary="seeded random subset of each frame's tokens",
+        factory=RandomSelect,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(RandomSelect),
+    )
+)
+register(
+    MethodSpec(
+        name="uniform",
+        stage="pre-llm",
+        summary="evenly spaced spatial subsampling of each frame",
+        factory=UniformSelect,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(UniformSelect),
+    )
+)
+
+__all__ = [
+    "MethodSpec",
+    "SegmentContext",
+    "Selection",
+    "Selector",
+    "get",
+    "list",
+    "names",
+    "register",
+    "apportion",
+    "check_retain",
+    "fca_budget",
+    "frame_budget",
+    "frame_scores",
+    "retained_count",
+    "uniform_budget",
+    "evenly_spaced",
+    "VidCom2",
+    "RandomSelect",
+    "UniformSelect",
+]

@@ -1,0 +1,129 @@
+"""Adapters describe a model family: where its visual tokens are, how it numbers positions.
+
+An adapter never knows which method runs. It turns the keyword arguments of a model call
+into a :class:`Prepared` input: the full ``inputs_embeds`` with every visual feature spliced
+in (exactly as the model itself would), the 2-D attention mask, the position ids of the full
+sequence, and the :class:`Segment` list of every sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass
+class Segment:
+    """One image or one video inside one sample.
+
+    Attributes:
+        sample: batch row.
+        ordinal: index among the sample's segments (in sequence order).
+        modality: ``"image"`` or ``"video"``.
+        grid: ``(T, H, W)`` in tokens; ``M = H·W`` content tokens per frame. Irregular layouts
+            (LLaVA-OneVision's base + high-resolution tiles) use ``(1, 1, M)``.
+        positions: ``[T·M]`` int64 sequence positions of the content tokens, frame-major.
+        structural: ``[S]`` int64 sequence positions of structural tokens (newlines); always kept.
+        temporal_patch: raw frames per token frame (Qwen merges 2 frames into one).
+    """
+
+    sample: int
+    ordinal: int
+    modality: str
+    grid: tuple[int, int, int]
+    positions: torch.Tensor
+    structural: torch.Tensor
+    temporal_patch: int = 1
+
+    @property
+    def num_frames(self) -> int:
+        return self.grid[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+
+@dataclass
+class Prepared:
+    """A model call's inputs with the visual features spliced in, before any pruning.
+
+    Shapes: ``inputs_embeds`` ``[B, L, D]``; ``attention_mask`` ``[B, L]`` int64;
+    ``position_ids`` ``[B, L]`` (``style="1d"``) or ``[3, B, L]`` (``style="mrope"``).
+    """
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    segments: list[list[Segment]]
+    style: str
+    rest: dict[str, Any] = field(default_factory=dict)
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions counting only attended tokens (padding gets 0): ``[B, L]`` int64."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def split_placeholders(
+    input_ids: torch.Tensor, token_id: int, lengths: list[int], what: str
+) -> list[tuple[int, torch.Tensor]]:
+    """Assign placeholder positions to visual items in the model's scatter order (row-major).
+
+    Returns one ``(sample, positions[n_i])`` pair per item. Raises :class:`InputError` when
+    the number of placeholders and features differ, or an item would straddle two samples.
+    """
+    rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+    total = int(sum(lengths))
+    if rows.numel() != total:
+        raise InputError(
+            f"{what}: the input has {rows.numel()} placeholder tokens (id {token_id}) but the vision "
+            f"encoder produced {total} features for {len(lengths)} item(s); the processor and the "
+            "pixel inputs do not match (check the number of images/videos and their sizes)"
+        )
+    out: list[tuple[int, torch.Tensor]] = []
+    start = 0
+    for n in lengths:
+        r = rows[start : start + n]
+        if n > 0 and bool((r != r[0]).any()):
+            raise InputError(f"{what}: a visual item's placeholder tokens span two samples of the batch")
+        out.append((int(r[0]) if n > 0 else 0, cols[start : start + n]))
+        start += n
+    return out
+
+
+class Adapter:
+    """Base class: subclasses set ``family``, ``classes``, ``style`` and implement :meth:`prepare`."""
+
+    family: ClassVar[str] = ""
+    classes: ClassVar[tuple[str, ...]] = ()
+    style: ClassVar[str] = "1d"
+    #: keyword arguments consumed by :meth:`prepare` (not forwarded to the pruned call)
+    visual_keys: ClassVar[tuple[str, ...]] = ()
+
+    def has_visual(self, kwargs: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Prepared:
+        raise NotImplementedError
+
+    def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:
+        """Record decode-time position offsets where the model keeps them (M-RoPE models)."""
+
+    @staticmethod
+    def require_ids(kwargs: dict[str, Any]) -> torch.Tensor:
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise InputError(
+                "visiontrim needs input_ids (with the processor's image/video placeholder tokens) to locate "
+                "visual tokens; inputs_embeds alone are not accepted together with pixel inputs"
+            )
+        if kwargs.get("inputs_embeds") is not None:
+            raise InputError("pass either input_ids or inputs_embeds, not both")
+        return ids

@@ -1,0 +1,129 @@
+"""Adapter for ``LlavaOnevisionForConditionalGeneration`` (LLaVA-OneVision and LLaVA-Video).
+
+Layout of the visual features the model splices in:
+
+* video: ``T`` frames of ``h·w`` pooled tokens, frame-major, then one ``image_newline``
+  after the whole video (structural);
+* image: the base tile's tokens followed by the high-resolution tiles, whose rows each end
+  with an ``image_newline`` (structural); the content tokens form one flat segment
+  ``(1, 1, M)``. A single-tile image (several images per sample) is its base grid plus one
+  trailing newline.
+
+Newline tokens are found by equality with the model's ``image_newline`` parameter, which the
+model copies verbatim, so the adapter follows whatever tiling the model uses.
+Positions are 1-D.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .base import Adapter, Prepared, Segment, mask_positions, split_placeholders
+
+
+class LlavaOnevisionAdapter(Adapter):
+    family = "llava-onevision"
+    classes = ("LlavaOnevisionForConditionalGeneration",)
+    style = "1d"
+    visual_keys = (
+        "pixel_values",
+        "image_sizes",
+        "pixel_values_videos",
+        "image_sizes_videos",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "vision_aspect_ratio",
+        "batch_num_images",
+        "mm_encoder_outputs",
+    )
+
+    def has_visual(self, kwargs: dict[str, Any]) -> bool:
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        return (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or any(v is not None for v in enc.values())
+        )
+
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Prepared:
+        input_ids = self.require_ids(kwargs)
+        inner = model.model
+        cfg = model.config
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.long()
+        embeds = inner.get_input_embeddings()(input_ids)
+        enc = dict(kwargs.get("mm_encoder_outputs") or {})
+        feat_kwargs = {
+            "vision_feature_layer": kwargs.get("vision_feature_layer"),
+            "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy"),
+        }
+        newline = inner.image_newline.detach()
+        per_sample: list[list[tuple[int, Segment]]] = [[] for _ in range(input_ids.shape[0])]
+
+        if enc.get("image") is None and kwargs.get("pixel_values") is not None:
+            enc["image"] = inner.get_image_features(
+                kwargs["pixel_values"],
+                kwargs.get("image_sizes"),
+                batch_num_images=kwargs.get("batch_num_images"),
+                return_dict=True,
+                **feat_kwargs,
+            )
+        if enc.get("image") is not None:
+            feats = [f.to(embeds.device, embeds.dtype) for f in enc["image"].pooler_output]
+            placed = split_placeholders(input_ids, cfg.image_token_id, [f.shape[0] for f in feats], "images")
+            for f, (b, pos) in zip(feats, placed):
+                embeds[b, pos] = f
+                is_nl = (f == newline.to(f.dtype)).all(-1)
+                content, structural = pos[~is_nl], pos[is_nl]
+                n = content.numel()
+                if n == 0:
+                    raise InputError("an image has no content tokens (only newlines)")
+                side = math.isqrt(n)
+                grid = (1, side, side) if side * side == n and structural.numel() <= 1 else (1, 1, n)
+                per_sample[b].append((int(pos[0]), Segment(b, 0, "image", grid, content, structural)))
+
+        if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
+            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+        if enc.get("video") is not None:
+            pooled = enc["video"].pooler_output  # [V, T*M + 1, D]
+            pv = kwargs.get("pixel_values_videos")
+            frames = int(pv.shape[1]) if pv is not None else None
+            feats = [pooled[i].to(embeds.device, embeds.dtype) for i in range(pooled.shape[0])]
+            placed = split_placeholders(input_ids, cfg.video_token_id, [f.shape[0] for f in feats], "videos")
+            for f, (b, pos) in zip(feats, placed):
+                embeds[b, pos] = f
+                n_content = f.shape[0] - 1
+                T = frames if frames is not None else _infer_frames(n_content, cfg)
+                if T < 1 or n_content % T:
+                    raise InputError(f"a video's {n_content} tokens do not split into {T} equal frames")
+                M = n_content // T
+                side = math.isqrt(M)
+                grid = (T, side, side) if side * side == M else (T, 1, M)
+                per_sample[b].append((int(pos[0]), Segment(b, 0, "video", grid, pos[:-1], pos[-1:])))
+
+        segments: list[list[Segment]] = []
+        for items in per_sample:
+            items.sort(key=lambda it: it[0])
+            for i, (_, seg) in enumerate(items):
+                seg.ordinal = i
+            segments.append([seg for _, seg in items])
+        return Prepared(
+            input_ids=input_ids,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=mask_positions(attention_mask),
+            segments=segments,
+            style=self.style,
+        )
+
+
+def _infer_frames(n_content: int, cfg: Any) -> int:
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    per_frame = math.ceil(side / 2) ** 2
+    return max(1, n_content // per_frame)

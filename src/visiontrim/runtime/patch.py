@@ -1,0 +1,230 @@
+"""Install visiontrim on a loaded model: wrap its ``forward`` and ``generate``.
+
+Correct by construction: a compressed prefill is turned into an ordinary call on a shorter
+sequence. ``generate`` prunes *before* generation starts and hands the language model
+``inputs_embeds``, the pruned attention mask and the gathered position ids, so the KV cache,
+the mask, ``cache_position`` and every decode position live in pruned coordinates from the
+first step on — for any attention kernel and batch size. ``generate`` continues each row's
+positions at ``last + 1``; with ``positions="preserve"`` that is exactly the position the
+unpruned model would use. The returned sequences are the caller's original ``input_ids``
+followed by the new tokens, as without compression.
+
+This module (with :mod:`visiontrim.runtime.trim`) is the only code that relies on how
+transformers passes arguments between ``generate`` and ``forward``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..methods.base import MethodSpec, Selector
+from ..models.base import Adapter, Prepared
+from .trim import Trimmed, TrimStats, trim
+
+STATE_ATTR = "_visiontrim_state"
+_PASS_THROUGH_MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+
+
+@dataclass
+class TrimState:
+    """Everything visiontrim attached to one model; removed by :func:`uninstall`."""
+
+    spec: MethodSpec
+    selector: Selector
+    retain: float
+    positions: str
+    adapter: Adapter
+    options: dict[str, Any]
+    saved: dict[str, Any] = field(default_factory=dict)
+    last: TrimStats | None = None
+    calls: int = 0
+
+
+def get_state(model: object) -> TrimState | None:
+    return getattr(model, STATE_ATTR, None) if isinstance(model, torch.nn.Module) else None
+
+
+def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional + keyword arguments of a call to ``fn`` as one flat dict."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> tuple[Prepared, Trimmed]:
+    prepared = state.adapter.prepare(model, kw)
+    user_pos = kw.get("position_ids")
+    if user_pos is not None:
+        if prepared.style == "mrope":
+            if user_pos.dim() == 2:
+                user_pos = user_pos[None].expand(3, -1, -1)
+            prepared.position_ids = user_pos[-3:]
+        else:
+            prepared.position_ids = user_pos.expand(prepared.input_ids.shape[0], -1)
+    trimmed = trim(prepared, state.selector, state.retain, state.positions, state.spec.name)
+    state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
+    state.last = trimmed.stats
+    state.calls += 1
+    return prepared, trimmed
+
+
+def model_position_ids(trimmed: Trimmed, style: str) -> torch.Tensor:
+    """Position ids in the layout the model's own ``generate`` would pass.
+
+    M-RoPE models get ``[4, B, L']``: a leading row of plain text positions (used only for
+    mask construction) then the three rotary rows.
+    """
+    if style != "mrope":
+        return trimmed.position_ids
+    mask = trimmed.attention_mask
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return torch.cat([text[None].to(trimmed.position_ids.dtype), trimmed.position_ids], dim=0)
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len())
+    return 0
+
+
+def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kw = _bind(original, args, kwargs)
+        if not state.adapter.has_visual(kw):
+            return original(**kw)
+        if _cache_length(kw.get("past_key_values")) > 0:
+            raise InputError(
+                "visiontrim compresses visual inputs in the prefill only; this call passes pixel inputs "
+                "together with a non-empty KV cache"
+            )
+        prepared, trimmed = _run_trim(model, state, kw)
+        new_kw = {k: v for k, v in kw.items() if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
+        labels = new_kw.get("labels")
+        if labels is not None:
+            new_kw["labels"] = _gather_rows(labels, trimmed, fill=-100)
+        new_kw.update(
+            inputs_embeds=trimmed.inputs_embeds,
+            attention_mask=trimmed.attention_mask,
+            position_ids=model_position_ids(trimmed, prepared.style),
+        )
+        return original(**new_kw)
+
+    return forward
+
+
+def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
+    B, Lp = trimmed.attention_mask.shape
+    out = t.new_full((B, Lp), fill)
+    for b, keep in enumerate(trimmed.keep):
+        n = keep.numel()
+        sl = slice(Lp - n, Lp) if trimmed.padding_side == "left" else slice(0, n)
+        out[b, sl] = t[b, keep]
+    return out
+
+
+def _resolve_lengths(model: torch.nn.Module, kw: dict[str, Any], prompt_len: int) -> None:
+    """Express length limits as new-token counts: the prompt the language model sees is shorter."""
+    config = kw.get("generation_config") or getattr(model, "generation_config", None)
+    if kw.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
+        max_length = kw.pop("max_length", None)
+        if max_length is None:
+            max_length = getattr(config, "max_length", None) or 20
+        kw["max_new_tokens"] = max(1, int(max_length) - prompt_len)
+    else:
+        kw.pop("max_length", None)
+    min_length = kw.pop("min_length", None)
+    if min_length is not None and kw.get("min_new_tokens") is None:
+        kw["min_new_tokens"] = max(0, int(min_length) - prompt_len)
+
+
+def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        kw = _bind(original, args, kwargs)
+        if "inputs" in kw:
+            inputs = kw.pop("inputs")
+            if inputs is not None:
+                kw.setdefault("input_ids", inputs)
+        if not state.adapter.has_visual(kw):
+            return original(**kw)
+        if _cache_length(kw.get("past_key_values")) > 0:
+            raise InputError("visiontrim cannot continue generation from a cache when new pixel inputs are given")
+        input_ids = state.adapter.require_ids(kw)
+        prepared, trimmed = _run_trim(model, state, kw)
+        gen_kw = {k: v for k, v in kw.items() if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
+        _resolve_lengths(model, gen_kw, input_ids.shape[1])
+        out = original(
+            inputs_embeds=trimmed.inputs_embeds,
+            attention_mask=trimmed.attention_mask,
+            position_ids=model_position_ids(trimmed, prepared.style),
+            **gen_kw,
+        )
+        return _prepend_prompt(out, input_ids)
+
+    return generate
+
+
+def _prepend_prompt(out: Any, input_ids: torch.Tensor) -> Any:
+    """Put the caller's prompt ids in front of the generated ids (what an unpatched model returns)."""
+
+    def fix(seqs: torch.Tensor) -> torch.Tensor:
+        reps = seqs.shape[0] // input_ids.shape[0]
+        prompt = input_ids.repeat_interleave(reps, dim=0) if reps > 1 else input_ids
+        return torch.cat([prompt.to(seqs.device), seqs], dim=-1)
+
+    if isinstance(out, torch.Tensor):
+        return fix(out)
+    if hasattr(out, "sequences") and isinstance(out.sequences, torch.Tensor):
+        out.sequences = fix(out.sequences)
+    return out
+
+
+def install(model: torch.nn.Module, state: TrimState) -> None:
+    """Wrap ``model.forward`` and ``model.generate``; the caller has validated everything."""
+    for name in ("forward", "generate"):
+        state.saved[name] = model.__dict__.get(name, _MISSING)
+    originals = {"forward": model.forward, "generate": model.generate}
+    setattr(model, STATE_ATTR, state)
+    model.forward = _make_forward(model, state, originals["forward"])  # type: ignore[method-assign]
+    model.generate = _make_generate(model, state, originals["generate"])  # type: ignore[method-assign]
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Undo :func:`install` exactly (earlier instance-level wrappers, e.g. accelerate hooks, come back)."""
+    state = get_state(model)
+    if state is None:
+        return
+    for name in ("forward", "generate"):
+        prev = state.saved.get(name, _MISSING)
+        if name in model.__dict__:
+            del model.__dict__[name]
+        if prev is not _MISSING:
+            model.__dict__[name] = prev
+    state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
+    delattr(model, STATE_ATTR)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()

@@ -1,0 +1,236 @@
+"""Apply a pre-LLM method to a prepared batch: score each segment, gather, re-pad.
+
+Every sample is scored independently; the kept sequences are re-padded on the side the
+input was padded on, with a new attention mask, so the language model then runs on a
+shorter but otherwise ordinary batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..methods.base import SegmentContext, Selection, Selector
+from ..models.base import Prepared, Segment
+
+POSITION_MODES = ("preserve", "compact")
+
+
+@dataclass
+class SegmentStats:
+    """What happened to one segment in the last compressed forward."""
+
+    sample: int
+    ordinal: int
+    modality: str
+    grid: tuple[int, int, int]
+    tokens_before: int
+    tokens_after: int
+    structural: int
+    frame_counts: list[int]
+    score_ms: float
+    temporal_patch: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sample": self.sample,
+            "segment": self.ordinal,
+            "modality": self.modality,
+            "grid": list(self.grid),
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "structural_tokens": self.structural,
+            "frame_counts": self.frame_counts,
+            "raw_frames_per_token_frame": self.temporal_patch,
+            "score_ms": round(self.score_ms, 4),
+        }
+
+
+@dataclass
+class TrimStats:
+    """Statistics of the last compressed forward (``visiontrim.stats(model)``).
+
+    ``segments[b]`` lists sample ``b``'s segments; ``keep[b]`` holds the original sequence
+    positions that sample ``b`` kept (ascending, padding excluded).
+    """
+
+    method: str
+    retain: float
+    positions: str
+    segments: list[list[SegmentStats]]
+    seq_before: list[int]
+    seq_after: list[int]
+    keep: list[torch.Tensor] = field(repr=False)
+    total_ms: float = 0.0
+
+    @property
+    def tokens_before(self) -> int:
+        """Visual content tokens before compression, summed over the batch."""
+        return sum(s.tokens_before for row in self.segments for s in row)
+
+    @property
+    def tokens_after(self) -> int:
+        """Visual content tokens kept, summed over the batch."""
+        return sum(s.tokens_after for row in self.segments for s in row)
+
+    @property
+    def score_ms(self) -> float:
+        return sum(s.score_ms for row in self.segments for s in row)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "retain": self.retain,
+            "positions": self.positions,
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "score_ms": round(self.score_ms, 4),
+            "trim_ms": round(self.total_ms, 4),
+            "samples": [
+                {
+                    "sequence_before": self.seq_before[b],
+                    "sequence_after": self.seq_after[b],
+                    "segments": [s.as_dict() for s in self.segments[b]],
+                }
+                for b in range(len(self.segments))
+            ],
+        }
+
+
+@dataclass
+class Trimmed:
+    """The pruned batch. Shapes: embeds ``[B, L', D]``, mask ``[B, L']``, positions ``[B, L']`` or ``[3, B, L']``."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor
+    keep: list[torch.Tensor]
+    padding_side: str
+    stats: TrimStats
+
+
+def padding_side_of(mask: torch.Tensor) -> str:
+    """``"left"`` or ``"right"`` from a 2-D mask; unpadded batches count as left (generation's side)."""
+    if mask.shape[1] == 0:
+        return "left"
+    if bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()):
+        return "right"
+    return "left"
+
+
+def _check_selection(sel: Selection, n: int, T: int, name: str) -> None:
+    keep = sel.keep
+    if keep.dim() != 1 or keep.dtype != torch.int64:
+        raise RuntimeError(f"method {name!r} returned keep indices that are not a 1-D int64 tensor")
+    if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= n or bool((keep[1:] <= keep[:-1]).any())):
+        raise RuntimeError(f"method {name!r} returned keep indices that are not strictly ascending in [0, {n})")
+    if sel.frame_counts.numel() != T or int(sel.frame_counts.sum()) != keep.numel():
+        raise RuntimeError(f"method {name!r} returned frame counts inconsistent with its keep indices")
+    if sel.features is not None and tuple(sel.features.shape[:1]) != (keep.numel(),):
+        raise RuntimeError(f"method {name!r} returned {sel.features.shape[0]} features for {keep.numel()} tokens")
+
+
+def select_segment(selector: Selector, x: torch.Tensor, retain: float, seg: Segment) -> tuple[Selection, float]:
+    context = SegmentContext(modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid)
+    start = time.perf_counter()
+    with torch.no_grad():
+        sel = selector.select(x, retain, context)
+    return sel, (time.perf_counter() - start) * 1000.0
+
+
+def trim(
+    prepared: Prepared,
+    selector: Selector,
+    retain: float,
+    positions: str,
+    method_name: str,
+) -> Trimmed:
+    """Score every segment of every sample, keep the selected tokens, re-pad the batch."""
+    start = time.perf_counter()
+    embeds = prepared.inputs_embeds
+    mask = prepared.attention_mask
+    pos = prepared.position_ids
+    mrope = prepared.style == "mrope"
+    B, L, D = embeds.shape
+    side = padding_side_of(mask)
+    rows_embeds: list[torch.Tensor] = []
+    rows_pos: list[torch.Tensor] = []
+    keeps: list[torch.Tensor] = []
+    seg_stats: list[list[SegmentStats]] = []
+    seq_before: list[int] = []
+    for b in range(B):
+        valid = mask[b].bool()
+        keep_mask = valid.clone()
+        row = embeds[b]
+        replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        stats_b: list[SegmentStats] = []
+        for seg in prepared.segments[b]:
+            T, M = seg.num_frames, seg.tokens_per_frame
+            x = row[seg.positions].reshape(T, M, D)
+            sel, ms = select_segment(selector, x, retain, seg)
+            _check_selection(sel, T * M, T, method_name)
+            keep_mask[seg.positions] = False
+            kept_pos = seg.positions[sel.keep.to(seg.positions.device)]
+            keep_mask[kept_pos] = True
+            if sel.features is not None:
+                replaced.append((kept_pos, sel.features))
+            stats_b.append(
+                SegmentStats(
+                    sample=b,
+                    ordinal=seg.ordinal,
+                    modality=seg.modality,
+                    grid=seg.grid,
+                    tokens_before=T * M,
+                    tokens_after=int(sel.keep.numel()),
+                    structural=int(seg.structural.numel()),
+                    frame_counts=[int(c) for c in sel.frame_counts.tolist()],
+                    score_ms=ms,
+                    temporal_patch=seg.temporal_patch,
+                )
+            )
+        if replaced:
+            row = row.clone()
+            for kept_pos, feats in replaced:
+                row[kept_pos] = feats.to(row.dtype)
+        keep = keep_mask.nonzero(as_tuple=True)[0]
+        keeps.append(keep)
+        rows_embeds.append(row[keep])
+        if positions == "preserve":
+            rows_pos.append(pos[:, b, keep] if mrope else pos[b, keep])
+        else:
+            compact = torch.arange(keep.numel(), device=pos.device, dtype=pos.dtype)
+            rows_pos.append(compact.expand(3, -1) if mrope else compact)
+        seg_stats.append(stats_b)
+        seq_before.append(int(valid.sum()))
+
+    lengths = [int(k.numel()) for k in keeps]
+    Lp = max(lengths) if lengths else 0
+    new_embeds = embeds.new_zeros(B, Lp, D)
+    new_mask = mask.new_zeros(B, Lp)
+    new_pos = pos.new_zeros((3, B, Lp) if mrope else (B, Lp))
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=pos.device)
+    for b, n in enumerate(lengths):
+        sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
+        new_embeds[b, sl] = rows_embeds[b]
+        new_mask[b, sl] = 1
+        if mrope:
+            new_pos[:, b, sl] = rows_pos[b]
+        else:
+            new_pos[b, sl] = rows_pos[b]
+        if n:
+            deltas[b, 0] = int(rows_pos[b].max()) + 1 - n
+    stats = TrimStats(
+        method=method_name,
+        retain=retain,
+        positions=positions,
+        segments=seg_stats,
+        seq_before=seq_before,
+        seq_after=lengths,
+        keep=keeps,
+        total_ms=(time.perf_counter() - start) * 1000.0,
+    )
+    return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats)
