@@ -1,0 +1,264 @@
+"""Runtime invariants of DESIGN.md (1–6) on tiny random models of every adapter.
+
+The by-hand reference: capture what the *unpatched* model feeds its language model, gather
+the kept positions (from ``visiontrim.stats``) independently of the runtime, and decode with
+the unpatched language model step by step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _builders import (
+    ARCHS,
+    VIDEO,
+    build,
+    capture_lm_inputs,
+    full_positions_1d,
+    gather_by_hand,
+    make_batch,
+    reference_greedy,
+)
+
+import visiontrim
+from visiontrim.methods import VidCom2
+
+N_NEW = 5
+
+
+def samples_for(arch: str, batch: int):
+    image = ("image", (40, 60)) if arch == "llava-onevision" else ("image", (4, 6))
+    image2 = ("image", (32, 32)) if arch == "llava-onevision" else ("image", (6, 4))
+    if batch == 1:
+        return [[image, ("video", None)]]
+    return [[("video", None)], [image, ("video", None)], [("video", None), image2]]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict = {}
+
+    def get(arch: str, attn: str):
+        if (arch, attn) not in cache:
+            cache[(arch, attn)] = build(arch, attn)
+        return cache[(arch, attn)]
+
+    return get
+
+
+def greedy(model, kw, **extra):
+    with torch.no_grad():
+        return model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, **extra)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_retain_one_is_token_identical(models, arch, attn, batch):
+    model = models(arch, attn)
+    kw = make_batch(model, arch, samples_for(arch, batch))
+    base = greedy(model, kw)
+    with visiontrim.compress(model, "vidcom2", retain=1.0):
+        out = greedy(model, kw)
+        st = visiontrim.stats(model)
+    assert st.tokens_after == st.tokens_before
+    assert torch.equal(out, base)
+    assert not visiontrim.is_compressed(model)
+
+
+@pytest.mark.parametrize("method", ["vidcom2", "random", "uniform"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_matches_reference(models, arch, attn, batch, method):
+    if method != "vidcom2" and attn == "eager":
+        pytest.skip("baselines share the runtime path; one kernel is enough for them")
+    model = models(arch, attn)
+    mrope = arch != "llava-onevision"
+    kw = make_batch(model, arch, samples_for(arch, batch))
+    seen = capture_lm_inputs(model, kw)
+    full_embeds = seen["inputs_embeds"]
+    full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
+    with visiontrim.compress(model, method, retain=0.25) as handle:
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        st = visiontrim.stats(model)
+        with torch.no_grad():
+            logits = model(**kw).logits
+    positions = handle.positions
+    assert positions == ("preserve" if mrope else "compact")
+    assert st.tokens_after < st.tokens_before
+    for row in st.segments:
+        for seg in row:
+            assert seg.tokens_after == max(seg.grid[0], round(0.25 * seg.tokens_before))
+    emb, mask, pos = gather_by_hand(full_embeds, full_pos, kw["attention_mask"], st.keep, positions, mrope)
+    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
+    L = kw["input_ids"].shape[1]
+    assert torch.equal(out.sequences[:, :L], kw["input_ids"])
+    assert torch.equal(out.sequences[:, L:], ref_tokens)
+    valid = mask.bool()
+    assert logits.shape[:2] == mask.shape
+    torch.testing.assert_close(logits[valid], ref_prefill[valid], rtol=1e-4, atol=1e-5)
+    for got, want in zip(out.logits, ref_steps):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["preserve", "compact"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_modes_match_reference(models, arch, positions):
+    model = models(arch, "sdpa")
+    mrope = arch != "llava-onevision"
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    seen = capture_lm_inputs(model, kw)
+    full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
+    with visiontrim.compress(model, "vidcom2", retain=0.25, positions=positions):
+        out = greedy(model, kw)
+        st = visiontrim.stats(model)
+    emb, mask, pos = gather_by_hand(seen["inputs_embeds"], full_pos, kw["attention_mask"], st.keep, positions, mrope)
+    ref_tokens, _, _ = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
+    assert torch.equal(out[:, kw["input_ids"].shape[1]:], ref_tokens)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_selection_is_the_methods_choice_on_the_models_features(models, arch):
+    """The adapter hands the method exactly the video's [T, M, D] features, frame-major."""
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    seen = capture_lm_inputs(model, kw)
+    with visiontrim.compress(model, "vidcom2", retain=0.25):
+        greedy(model, kw)
+        st = visiontrim.stats(model)
+    ids = kw["input_ids"]
+    for b in range(ids.shape[0]):
+        video_pos = (ids[b] == VIDEO).nonzero(as_tuple=True)[0]
+        seg = next(s for s in st.segments[b] if s.modality == "video")
+        T, H, W = seg.grid
+        content = video_pos[: T * H * W]  # LLaVA's trailing newline is structural
+        x = seen["inputs_embeds"][b, content].view(T, H * W, -1)
+        expected = content[VidCom2().select(x, 0.25).keep]
+        kept_video = st.keep[b][torch.isin(st.keep[b], content)]
+        assert torch.equal(kept_video, expected)
+        if arch == "llava-onevision":  # the newline after the video is always kept
+            assert int(video_pos[-1]) in set(st.keep[b].tolist())
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+def test_decode_positions_continue_like_the_unpruned_model(models, arch):
+    """Invariant 4: the first decode steps use the positions the unpruned model uses."""
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+
+    def decode_positions():
+        seen = []
+
+        def hook(_m, args, kwargs):
+            if kwargs["inputs_embeds"].shape[1] == 1:
+                seen.append(kwargs["position_ids"][-3:].clone())
+
+        h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            greedy(model, kw)
+        finally:
+            h.remove()
+        return seen
+
+    base = decode_positions()
+    with visiontrim.compress(model, "vidcom2", retain=0.25):
+        pruned = decode_positions()
+        deltas = model.model.rope_deltas
+        st = visiontrim.stats(model)
+    assert len(base) == len(pruned) == N_NEW - 1
+    for a, b in zip(base, pruned):
+        assert torch.equal(a, b)
+    # rope_deltas are in pruned coordinates: pruned length + delta == unpruned next position
+    n_after = torch.tensor(st.seq_after)[:, None]
+    assert torch.equal((n_after + deltas)[:, 0], base[0][0, :, 0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_restore_brings_back_exact_behaviour(models, arch):
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    with torch.no_grad():
+        base_logits = model(**kw).logits
+    base_tokens = greedy(model, kw)
+    handle = visiontrim.compress(model, "vidcom2", retain=0.25)
+    assert "forward" in model.__dict__ and "generate" in model.__dict__
+    with torch.no_grad():
+        assert model(**kw).logits.shape[1] < base_logits.shape[1]
+    visiontrim.restore(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert not visiontrim.is_compressed(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, base_logits)
+    assert torch.equal(greedy(model, kw), base_tokens)
+    handle.restore()  # restoring twice is harmless
+    visiontrim.restore(model)
+
+
+def test_restore_keeps_an_earlier_instance_wrapper(models):
+    model = build("qwen2-vl", "sdpa")
+    original = model.forward
+    calls = []
+
+    def user_forward(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    model.forward = user_forward
+    visiontrim.compress(model, "uniform", retain=0.5)
+    visiontrim.restore(model)
+    assert model.forward is user_forward
+
+
+def test_patching_twice_is_an_error_and_changes_nothing(models):
+    model = models("qwen2-vl", "sdpa")
+    with visiontrim.compress(model, "vidcom2", retain=0.25) as h:
+        fwd = model.__dict__["forward"]
+        with pytest.raises(visiontrim.InputError, match="already compressed"):
+            visiontrim.compress(model, "random", retain=0.5)
+        assert model.__dict__["forward"] is fwd
+        assert h.method == "vidcom2"
+
+
+@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2-vl"])
+def test_beam_search_and_multiple_returns_at_full_retain(models, arch):
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    base = greedy(model, kw, num_beams=2, num_return_sequences=2)
+    with visiontrim.compress(model, "vidcom2", retain=1.0):
+        out = greedy(model, kw, num_beams=2, num_return_sequences=2)
+    assert torch.equal(out, base)
+
+
+def test_text_only_calls_pass_through(models):
+    model = models("llava-onevision", "sdpa")
+    ids = torch.randint(2, 100, (2, 7))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    with visiontrim.compress(model, "vidcom2", retain=0.25):
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+        with pytest.raises(visiontrim.InputError, match="no compressed forward"):
+            visiontrim.stats(model)
+    assert torch.equal(base, out)
+
+
+def test_labels_are_gathered_with_the_tokens(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
+    labels = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
+    with visiontrim.compress(model, "vidcom2", retain=0.25):
+        with torch.no_grad():
+            out = model(**kw, labels=labels)
+    assert torch.isfinite(out.loss)
+
+
+def test_max_length_counts_the_callers_prompt(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 1))
+    L = kw["input_ids"].shape[1]
+    base = model.generate(**kw, max_length=L + 3, do_sample=False)
+    with visiontrim.compress(model, "vidcom2", retain=0.5):
+        out = model.generate(**kw, max_length=L + 3, do_sample=False)
+    assert out.shape == base.shape == (1, L + 3)
