@@ -46,11 +46,18 @@ class SegmentContext:
         modality: ``"image"`` or ``"video"``.
         ordinal: index of the segment inside its sample (0, 1, ...); seeds per-segment streams.
         grid: ``(T, H, W)`` in tokens when the segment is a regular grid, else ``(T, 1, M)``.
+        text: ``[Q, D]`` embeddings of the sample's question tokens in the LLM embedding space
+            (same space as the segment's features); given only to methods with ``needs_text``.
+        encoder_attention: ``[T, M]`` non-negative importance of each token from the vision
+            encoder (summary-token / pooling-probe attention, or a fallback the adapter
+            documents); given only to methods with ``needs_encoder_attention``.
     """
 
     modality: str = "video"
     ordinal: int = 0
     grid: tuple[int, int, int] | None = None
+    text: torch.Tensor | None = None
+    encoder_attention: torch.Tensor | None = None
 
 
 class Selector(Protocol):

@@ -188,10 +188,12 @@ def frame_scores(
     T, M, D = x.shape
     flat = x.reshape(T * M, D).float()
     n_ch = max(1, int(math.floor(D * ch_ratio)))
-    var = flat.var(dim=0, unbiased=False)
-    # smallest variances first; stable so equal variances resolve by channel index
-    channels = torch.sort(var, stable=True).indices[:n_ch]
-    sub = flat[:, channels]
+    # population variance per channel, two-pass (as accurate as torch.var, ~2x faster on CPU)
+    var = (flat - flat.mean(dim=0)).square_().mean(dim=0)
+    # smallest variances first, stable so equal variances resolve by channel index; the subset
+    # is then read in ascending channel order (the maths is order-free, the gather is faster)
+    channels = torch.sort(torch.sort(var, stable=True).indices[:n_ch]).values
+    sub = flat.index_select(1, channels)
     z = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     z = z.view(T, M, n_ch)
     g_v = z.mean(dim=(0, 1))
