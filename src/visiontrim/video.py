@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from transformers.utils import PushToHubMixin
 
 from visiontrim.errors import InputError
 
@@ -121,7 +122,8 @@ def _check_file(path: str | os.PathLike[str], kind: str) -> Path:
     if not file.exists():
         raise InputError(f"{kind} file not found: {file}")
     if not file.is_file():
-        raise InputError(f"{kind} path is not a file: {file} (expected {_VIDEO_FORMATS if kind == 'video' else _IMAGE_FORMATS})")
+        accepted = _VIDEO_FORMATS if kind == "video" else _IMAGE_FORMATS
+        raise InputError(f"{kind} path is not a file: {file} (expected {accepted})")
     return file
 
 
@@ -321,7 +323,7 @@ def _split_videos(videos: Any) -> list[Any]:
     return list(videos)
 
 
-class ArrayVideoProcessor:
+class ArrayVideoProcessor(PushToHubMixin):
     """A numpy/Pillow stand-in for the video processors of the supported model families.
 
     It reproduces the output layout the model expects:
@@ -341,6 +343,7 @@ class ArrayVideoProcessor:
     """
 
     valid_kwargs = None
+    _auto_class = None
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
@@ -411,7 +414,9 @@ class ArrayVideoProcessor:
         else:
             given_list = list(given)
         if len(given_list) != len(arrays):
-            raise InputError(f"got {len(arrays)} videos but {len(given_list)} video_metadata entries; pass one per video")
+            raise InputError(
+                f"got {len(arrays)} videos but {len(given_list)} video_metadata entries; pass one per video"
+            )
         metas = []
         for array, meta in zip(arrays, given_list):
             if meta is None:
@@ -532,7 +537,9 @@ def assemble_processor(
     :class:`ArrayVideoProcessor` configured by the same dictionary.
     """
     video_processor = _video_processor_from_config(video_processor_config)
-    cls = processor_cls if not isinstance(video_processor, ArrayVideoProcessor) else _lenient_processor_class(processor_cls)
+    cls = processor_cls
+    if isinstance(video_processor, ArrayVideoProcessor):
+        cls = _lenient_processor_class(processor_cls)
     return cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -551,12 +558,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_processor(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """Load a model's processor, falling back to a torchvision-free build when needed.
 
-    First tries ``AutoProcessor.from_pretrained``. When that fails only because torchvision is
-    missing, and ``name_or_path`` is a local directory saved by the library (a
-    ``processor_config.json`` naming the processor class, with nested ``image_processor`` and
-    ``video_processor`` sections or the older separate ``preprocessor_config.json`` /
-    ``video_preprocessor_config.json`` files), the same processor class is rebuilt around an
-    :class:`ArrayVideoProcessor`.
+    First tries ``AutoProcessor.from_pretrained``. When that fails and torchvision is missing,
+    the processor class named in the model's ``processor_config.json`` is rebuilt around an
+    :class:`ArrayVideoProcessor`: the video processor settings come from the nested
+    ``video_processor`` section of ``processor_config.json`` or from the older separate
+    ``video_preprocessor_config.json``; tokenizer and image processor load as usual. This works
+    for local directories and for hub ids (cached or downloadable).
 
     ``OSError`` from the library (missing path, unreachable hub) propagates unchanged.
     """
@@ -569,34 +576,61 @@ def load_processor(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     except Exception as exc:
         if has_torchvision():
             raise
-        folder = Path(name_or_path)
-        if not (folder / "processor_config.json").is_file():
-            raise InputError(
-                f"could not build the processor of '{name_or_path}' without torchvision ({exc}); "
-                "install torchvision or pass a local model directory"
-            ) from exc
-        return _load_processor_without_torchvision(folder, **kwargs)
+        return _load_processor_without_torchvision(str(name_or_path), exc, **kwargs)
 
 
-def _load_processor_without_torchvision(folder: Path, **kwargs: Any) -> Any:
+def _optional_file(name: str, filename: str, **kwargs: Any) -> Path | None:
+    """Local path of ``filename`` in a model directory or hub repo, ``None`` when absent."""
+    local = Path(name) / filename
+    if Path(name).is_dir():
+        return local if local.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(
+        name,
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **kwargs,
+    )
+    return Path(found) if found else None
+
+
+def _load_processor_without_torchvision(name: str, cause: BaseException, **kwargs: Any) -> Any:
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    processor_dict = _read_json(folder / "processor_config.json")
+    cause_text = str(cause).strip()
+    cause_line = cause_text.splitlines()[0] if cause_text else type(cause).__name__
+
+    def fail(reason: str) -> InputError:
+        return InputError(
+            f"could not build the processor of '{name}' without torchvision: {reason} "
+            f"(the library reported: {cause_line})"
+        )
+
+    config_file = _optional_file(name, "processor_config.json", **kwargs)
+    if config_file is None:
+        raise fail("no processor_config.json found (expected a saved multimodal processor)")
+    processor_dict = _read_json(config_file)
     class_name = str(processor_dict.get("processor_class", ""))
-    processor_cls = getattr(transformers, class_name, None)
+    processor_cls = getattr(transformers, class_name, None) if class_name else None
     if processor_cls is None:
-        raise InputError(f"unknown processor class {class_name!r} in {folder / 'processor_config.json'}")
+        raise fail(f"unknown processor class {class_name!r} in processor_config.json")
     video_config = processor_dict.get("video_processor")
     if not isinstance(video_config, dict):
-        legacy = folder / "video_preprocessor_config.json"
-        video_config = _read_json(legacy) if legacy.is_file() else {}
+        legacy = _optional_file(name, "video_preprocessor_config.json", **kwargs)
+        video_config = _read_json(legacy) if legacy is not None else {}
     if not video_config:
-        raise InputError(f"no video processor configuration found in {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
-    template_file = folder / "chat_template.jinja"
-    chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        raise fail("no video processor settings found (processor_config.json or video_preprocessor_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(name, **kwargs)
+    template_file = _optional_file(name, "chat_template.jinja", **kwargs)
+    if template_file is not None:
+        chat_template = template_file.read_text(encoding="utf-8")
+    else:
+        legacy_template = _optional_file(name, "chat_template.json", **kwargs)
+        chat_template = _read_json(legacy_template).get("chat_template") if legacy_template is not None else None
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     init_names = set(_init_parameter_names(processor_cls))

@@ -1,0 +1,279 @@
+"""Tests of visiontrim.tiny (offline tiny models) and the ``visiontrim`` command line."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visiontrim.cli import main
+from visiontrim.tiny import ARCHS, FRAME_SIZE, build_tokenizer, tiny_config
+from visiontrim.video import has_torchvision, load_processor
+
+QUESTION = "what is shown"
+Capsys = pytest.CaptureFixture[str]
+Models = dict[str, Path]
+Videos = dict[int, Path]
+
+
+def _write_video(path: Path, num_frames: int, size: int) -> Path:
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(num_frames):
+            level = (i * 23) % 256
+            array = np.zeros((size, size, 3), np.uint8)
+            array[: size // 2] = level
+            array[size // 2 :, :, 2] = 255 - level
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny_cli")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(workdir: Path) -> dict[str, Path]:
+    """One tiny model per architecture, written through ``visiontrim make-tiny``."""
+    paths = {}
+    for arch in ARCHS:
+        path = workdir / f"tiny-{arch}"
+        assert main(["make-tiny", str(path), "--arch", arch, "--seed", "0"]) == 0
+        paths[arch] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def videos(workdir: Path) -> dict[int, Path]:
+    return {size: _write_video(workdir / f"clip{size}.mp4", 12, size) for size in sorted(set(FRAME_SIZE.values()))}
+
+
+def _run_json(capsys: Capsys, argv: list[str]) -> dict[str, Any]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tokenizer_covers_text_and_specials(arch: str) -> None:
+    tokenizer = build_tokenizer(arch)
+    ids = tokenizer("What is shown in this video? Zyxwv, 42!")["input_ids"]
+    assert ids and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == "What is shown in this video? Zyxwv, 42!"
+    placeholder = "<video>" if arch == "llava-onevision" else "<|video_pad|>"
+    pad_ids = tokenizer(placeholder * 5)["input_ids"]
+    assert pad_ids == [tokenizer.convert_tokens_to_ids(placeholder)] * 5
+    config = tiny_config(arch, tokenizer)
+    assert config.video_token_id == tokenizer.convert_tokens_to_ids(placeholder)
+    assert config.get_text_config().vocab_size == len(tokenizer)
+
+
+def test_qwen_mrope_sections_fit_head_dim() -> None:
+    for arch in ("qwen2-vl", "qwen2.5-vl"):
+        text = tiny_config(arch).get_text_config()
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_reloads_offline_and_generates(arch: str, tiny_models: Models) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_models[arch]
+    if has_torchvision():
+        processor = AutoProcessor.from_pretrained(path)
+    else:
+        processor = load_processor(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    size = FRAME_SIZE[arch]
+    frames = [Image.new("RGB", (size, size), (40 * i, 90, 200 - 30 * i)) for i in range(4)]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("assistant\n")
+    inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    if arch == "llava-onevision":
+        # 8x8 patches pooled to 4x4 per frame, plus one newline token for the video.
+        assert placeholders == 4 * 16 + 1
+    else:
+        # 4 frames of 56x56: 2 temporal patches x 4x4 patches, merged 2x2.
+        assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
+        assert placeholders == 2 * 4 * 4 // 4
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_run_video_json(arch: str, tiny_models: Models, videos: Videos, capsys: Capsys) -> None:
+    video = videos[FRAME_SIZE[arch]]
+    result = _run_json(
+        capsys,
+        ["run", "--model", str(tiny_models[arch]), "--video", str(video), "--question", QUESTION,
+         "--method", "vidcom2", "--retain", "0.5", "--frames", "4", "--max-new-tokens", "3", "--json"],
+    )
+    assert result["method"] == "vidcom2" and result["retain"] == 0.5
+    assert result["input"] == {"kind": "video", "path": str(video), "frames": 4, "frame_indices": [0, 4, 7, 11]}
+    assert result["question"] == QUESTION
+    assert isinstance(result["answer"], str)
+    assert result["new_tokens"] <= 3
+    assert 0 < result["tokens_after"] < result["tokens_before"]
+    assert result["tokens_after"] == round(0.5 * result["tokens_before"])
+    assert result["prefill_ms"] > 0 and result["total_ms"] > 0
+    assert result["positions"] in ("preserve", "compact")
+    assert result["stats"]["tokens_after"] == result["tokens_after"]
+
+
+def test_run_image_qwen2_vl(tiny_models: Models, workdir: Path, capsys: Capsys) -> None:
+    image = workdir / "picture.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 84, 3), dtype=np.uint8)).save(image)
+    result = _run_json(
+        capsys,
+        ["run", "--model", str(tiny_models["qwen2-vl"]), "--image", str(image), "--question", QUESTION,
+         "--method", "uniform", "--retain", "0.5", "--max-new-tokens", "2", "--positions", "compact", "--json"],
+    )
+    assert result["input"]["kind"] == "image"
+    assert result["positions"] == "compact"
+    assert 0 < result["tokens_after"] < result["tokens_before"]
+
+
+def test_run_text_output_and_no_compression(tiny_models: Models, videos: Videos, capsys: Capsys) -> None:
+    argv = ["run", "--model", str(tiny_models["qwen2-vl"]), "--video", str(videos[56]), "--question", QUESTION,
+            "--frames", "4", "--max-new-tokens", "2"]
+    assert main([*argv, "--method", "random", "--retain", "0.25", "--attn", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer:")
+    assert "visual tokens: 8 -> 2" in out and "prefill:" in out and "total:" in out
+    result = _run_json(capsys, [*argv, "--method", "none", "--json"])
+    assert result["tokens_before"] == result["tokens_after"] == 8
+    assert result["stats"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# methods, make-tiny, python -m
+# ---------------------------------------------------------------------------------------------
+
+
+def test_methods_table_and_json(capsys: Capsys) -> None:
+    assert main(["methods"]) == 0
+    table = capsys.readouterr().out
+    for name in ("vidcom2", "random", "uniform"):
+        assert name in table
+    assert "NAME" in table and "STAGE" in table
+    assert main(["methods", "--json"]) == 0
+    specs = json.loads(capsys.readouterr().out)
+    names = {s["name"] for s in specs}
+    assert {"vidcom2", "random", "uniform"} <= names
+    for spec in specs:
+        assert spec["stage"] in ("pre-llm", "in-llm")
+        assert isinstance(spec["options"], dict) and isinstance(spec["budget_policies"], list)
+        assert "factory" not in spec
+
+
+def test_make_tiny_writes_loadable_directory(tiny_models: Models) -> None:
+    files = {p.name for p in tiny_models["llava-onevision"].iterdir()}
+    expected = {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "chat_template.jinja"}
+    assert expected <= files
+
+
+def test_make_tiny_rejects_file_target(workdir: Path, capsys: Capsys) -> None:
+    target = workdir / "a_file"
+    target.write_text("x")
+    assert main(["make-tiny", str(target)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_python_dash_m() -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "visiontrim", "methods", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "vidcom2" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_model_path(tmp_path: Path, videos: Videos, capsys: Capsys) -> None:
+    missing = tmp_path / "no-model"
+    code = main(["run", "--model", str(missing), "--video", str(videos[32]), "--question", QUESTION])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: could not load model '{missing}'")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_model_directory_without_config(tmp_path: Path, videos: Videos, capsys: Capsys) -> None:
+    code = main(["run", "--model", str(tmp_path), "--video", str(videos[32]), "--question", QUESTION])
+    assert code == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("retain", ["0", "1.5", "-0.1", "half"])
+def test_bad_retain_is_an_argument_error(retain: str, capsys: Capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "x", "--video", "v.mp4", "--question", "q", "--retain", retain])
+    assert info.value.code == 2
+    assert "--retain" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--frames", "--max-new-tokens"])
+def test_bad_counts_are_argument_errors(option: str, capsys: Capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "x", "--video", "v.mp4", "--question", "q", option, "0"])
+    assert info.value.code == 2
+    assert "must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_video_and_image_are_exclusive(capsys: Capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "x", "--video", "a.mp4", "--image", "b.png", "--question", "q"])
+    assert info.value.code == 2
+
+
+def test_missing_video_file(tiny_models: Models, tmp_path: Path, capsys: Capsys) -> None:
+    missing = tmp_path / "absent.mp4"
+    code = main(["run", "--model", str(tiny_models["qwen2-vl"]), "--video", str(missing), "--question", QUESTION])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"error: video file not found: {missing}"
+
+
+def test_unknown_method(tiny_models: Models, videos: Videos, capsys: Capsys) -> None:
+    code = main(["run", "--model", str(tiny_models["qwen2-vl"]), "--video", str(videos[56]), "--question", QUESTION,
+                 "--method", "nosuch"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown method 'nosuch'" in err and "vidcom2" in err
