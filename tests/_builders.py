@@ -126,6 +126,8 @@ def _qwen_items(model, items, frames: int, g: torch.Generator):
         n = sum(t * h * w for t, h, w in vid_grids)
         pvv = torch.randn(n, dim, generator=g)
         kw.update(pixel_values_videos=pvv, video_grid_thw=torch.tensor(vid_grids))
+        if model.config.model_type == "qwen2_5_vl":  # temporal spacing of M-RoPE ids
+            kw["second_per_grid_ts"] = torch.tensor([0.5 + i for i in range(len(vid_grids))])
         lengths["video"] = [t * h * w // 4 for t, h, w in vid_grids]
     return kw, lengths
 

@@ -262,3 +262,20 @@ def test_max_length_counts_the_callers_prompt(models):
     with visiontrim.compress(model, "vidcom2", retain=0.5):
         out = model.generate(**kw, max_length=L + 3, do_sample=False)
     assert out.shape == base.shape == (1, L + 3)
+
+
+@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2.5-vl"])
+def test_right_padding_gives_the_same_logits_as_left_padding(models, arch):
+    model = models(arch, "sdpa")
+    samples = samples_for(arch, 3)
+    left = make_batch(model, arch, samples, padding_side="left")
+    right = make_batch(model, arch, samples, padding_side="right")
+    with visiontrim.compress(model, "vidcom2", retain=0.25):
+        with torch.no_grad():
+            out_l = model(**left).logits
+            m_l = visiontrim.stats(model)
+            out_r = model(**right).logits
+            m_r = visiontrim.stats(model)
+    assert m_l.seq_after == m_r.seq_after
+    for b, n in enumerate(m_l.seq_after):
+        torch.testing.assert_close(out_l[b, -n:], out_r[b, :n], rtol=1e-4, atol=1e-5)
