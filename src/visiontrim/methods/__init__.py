@@ -21,7 +21,10 @@ from .budget import (
     retained_count,
     uniform_budget,
 )
+from .dycoke import DyCoke
+from .lftr import LFTR
 from .vidcom2 import VidCom2
+from .visionzip import VisionZip
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -86,6 +89,46 @@ register(
     )
 )
 
+register(
+    MethodSpec(
+        name="lftr",
+        stage="pre-llm",
+        summary="LFTR: adjacent-frame temporal merging, then per-frame spatial removal by question relevance or encoder attention",
+        factory=LFTR,
+        needs_text=True,
+        needs_encoder_attention=False,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(LFTR),
+        reference="Zhao, Li and Li, arXiv 2501.17391",
+    )
+)
+register(
+    MethodSpec(
+        name="visionzip",
+        stage="pre-llm",
+        summary="VisionZip per frame: dominant tokens by encoder attention plus similarity-merged contextual tokens",
+        factory=VisionZip,
+        needs_encoder_attention=True,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(VisionZip),
+        reference="VisionZip, CVPR 2025",
+    )
+)
+register(
+    MethodSpec(
+        name="dycoke",
+        stage="pre-llm",
+        summary="DyCoke stage 1 (TTM): every 4th frame whole, the others keep tokens unlike their anchor frame",
+        factory=DyCoke,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(DyCoke),
+        reference="DyCoke, CVPR 2025 (arXiv 2411.15024)",
+    )
+)
+
 __all__ = [
     "MethodSpec",
     "SegmentContext",
@@ -106,4 +149,7 @@ __all__ = [
     "VidCom2",
     "RandomSelect",
     "UniformSelect",
+    "LFTR",
+    "VisionZip",
+    "DyCoke",
 ]
