@@ -38,7 +38,7 @@ TEXT = dict(
 )
 
 
-def build(arch: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def build(arch: str, attn: str = "sdpa", seed: int = 0, siglip_head: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llava-onevision":
         cfg = LlavaOnevisionConfig(
@@ -50,7 +50,7 @@ def build(arch: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
                 num_attention_heads=2,
                 image_size=32,
                 patch_size=4,
-                vision_use_head=False,
+                vision_use_head=siglip_head,
             ),
             text_config=dict(model_type="qwen2", **TEXT),
             image_token_index=IMAGE,

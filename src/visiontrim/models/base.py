@@ -29,6 +29,9 @@ class Segment:
         positions: ``[T·M]`` int64 sequence positions of the content tokens, frame-major.
         structural: ``[S]`` int64 sequence positions of structural tokens (newlines); always kept.
         temporal_patch: raw frames per token frame (Qwen merges 2 frames into one).
+        encoder_attention: optional ``[T, M]`` vision-encoder importance of each content token
+            (e.g. SigLIP pooling-probe attention mapped onto the token grid); computed only when
+            a method asks for it and the encoder has such a signal.
     """
 
     sample: int
@@ -38,6 +41,7 @@ class Segment:
     positions: torch.Tensor
     structural: torch.Tensor
     temporal_patch: int = 1
+    encoder_attention: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -63,6 +67,7 @@ class Prepared:
     segments: list[list[Segment]]
     style: str
     rest: dict[str, Any] = field(default_factory=dict)
+    encoder_signal: str = ""
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -106,11 +111,36 @@ class Adapter:
     style: ClassVar[str] = "1d"
     #: keyword arguments consumed by :meth:`prepare` (not forwarded to the pruned call)
     visual_keys: ClassVar[tuple[str, ...]] = ()
+    #: the encoder signal used when the encoder offers no summary-token attention
+    #: (``None``: the family cannot give an encoder-attention signal at all)
+    fallback_encoder_signal: ClassVar[str | None] = "frame-mean"
+
+    def special_ids(self, model: torch.nn.Module) -> set[int]:
+        """Token ids that are never part of a question (placeholders, padding, BOS)."""
+        cfg = model.config
+        ids = {getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                               "vision_end_token_id", "vision_token_id")}
+        text = getattr(cfg, "text_config", cfg)
+        ids |= {getattr(text, "pad_token_id", None), getattr(text, "bos_token_id", None)}
+        return {int(i) for i in ids if isinstance(i, int)}
+
+    def end_ids(self, model: torch.nn.Module) -> set[int]:
+        """End-of-turn token ids (the model's EOS ids), where a question stops."""
+        found: set[int] = set()
+        for cfg in (getattr(model, "generation_config", None), getattr(model.config, "text_config", None), model.config):
+            eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+            if isinstance(eos, int):
+                found.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                found |= {int(e) for e in eos}
+        return found
 
     def has_visual(self, kwargs: dict[str, Any]) -> bool:
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+        """Full inputs and segments; with ``encoder_attention=True`` also the encoder's own
+        summary-token attention per segment where the encoder has one."""
         raise NotImplementedError
 
     def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:

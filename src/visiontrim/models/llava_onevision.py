@@ -9,6 +9,10 @@ Layout of the visual features the model splices in:
   ``(1, 1, M)``. A single-tile image (several images per sample) is its base grid plus one
   trailing newline.
 
+Encoder attention (for methods that ask): the SigLIP attention-pooling probe's attention
+when the tower keeps its head and the projector reads the last layer (videos); otherwise —
+as for LLaVA-OneVision's own headless tower, and for images — the frame-mean query stand-in.
+
 Newline tokens are found by equality with the model's ``image_newline`` parameter, which the
 model copies verbatim, so the adapter follows whatever tiling the model uses.
 Positions are 1-D.
@@ -49,7 +53,7 @@ class LlavaOnevisionAdapter(Adapter):
             or any(v is not None for v in enc.values())
         )
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
@@ -90,12 +94,16 @@ class LlavaOnevisionAdapter(Adapter):
 
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
             enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+        probe_maps: list[torch.Tensor | None] = []
         if enc.get("video") is not None:
             pooled = enc["video"].pooler_output  # [V, T*M + 1, D]
+            if encoder_attention:
+                probe_maps = _video_probe_attention(inner, enc["video"], kwargs, pooled.shape[0])
             pv = kwargs.get("pixel_values_videos")
             frames = int(pv.shape[1]) if pv is not None else None
             feats = [pooled[i].to(embeds.device, embeds.dtype) for i in range(pooled.shape[0])]
             placed = split_placeholders(input_ids, cfg.video_token_id, [f.shape[0] for f in feats], "videos")
+            per_sample_videos: list[Segment] = []
             for f, (b, pos) in zip(feats, placed):
                 embeds[b, pos] = f
                 n_content = f.shape[0] - 1
@@ -105,7 +113,11 @@ class LlavaOnevisionAdapter(Adapter):
                 M = n_content // T
                 side = math.isqrt(M)
                 grid = (T, side, side) if side * side == M else (T, 1, M)
-                per_sample[b].append((int(pos[0]), Segment(b, 0, "video", grid, pos[:-1], pos[-1:])))
+                seg = Segment(b, 0, "video", grid, pos[:-1], pos[-1:])
+                if probe_maps and probe_maps[len(per_sample_videos)] is not None:
+                    seg.encoder_attention = probe_maps[len(per_sample_videos)].reshape(T, M)
+                per_sample_videos.append(seg)
+                per_sample[b].append((int(pos[0]), seg))
 
         segments: list[list[Segment]] = []
         for items in per_sample:
@@ -120,7 +132,46 @@ class LlavaOnevisionAdapter(Adapter):
             position_ids=mask_positions(attention_mask),
             segments=segments,
             style=self.style,
+            encoder_signal=("siglip-probe" if any(m is not None for m in probe_maps) else "frame-mean")
+            if encoder_attention
+            else "",
         )
+
+
+def _video_probe_attention(inner: Any, outputs: Any, kwargs: dict[str, Any], num_videos: int) -> list[Any]:
+    """SigLIP attention-pooling probe attention of every video frame, on the pooled token grid.
+
+    Only where the tower keeps its pooling head and the projector reads the last layer, so the
+    head's input (``post_layernorm`` of the features) is the tower's ``last_hidden_state``:
+    ``a[m] = mean_h softmax_m(q_h · k_{h,m} / √d_h)`` with ``q`` the head's probe, ``k`` its
+    key projection. The 2-D map is then resized like the features (bilinear to ⌈side/2⌉).
+    Returns one ``[T, M]`` map per video, or ``None`` entries when the signal is unavailable.
+    """
+    tower = getattr(inner, "vision_tower", None)
+    head = getattr(tower, "head", None) or getattr(getattr(tower, "vision_model", None), "head", None)
+    layer = kwargs.get("vision_feature_layer")
+    if layer is None:
+        layer = inner.config.vision_feature_layer
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if head is None or layer != -1 or hidden is None or kwargs.get("pixel_values_videos") is None:
+        return [None] * num_videos
+    attn = head.attention
+    D = hidden.shape[-1]
+    H = attn.num_heads
+    w_q, w_k, _ = attn.in_proj_weight.split(D, dim=0)
+    b_q, b_k, _ = (attn.in_proj_bias.split(D) if attn.in_proj_bias is not None else (None, None, None))
+    with torch.no_grad():
+        q = torch.nn.functional.linear(head.probe.reshape(1, D).float(), w_q.float(), None if b_q is None else b_q.float())
+        k = torch.nn.functional.linear(hidden.float(), w_k.float(), None if b_k is None else b_k.float())
+        q = q.view(H, D // H)
+        k = k.view(hidden.shape[0], hidden.shape[1], H, D // H)
+        logits = torch.einsum("hd,fnhd->fhn", q, k) / math.sqrt(D // H)
+        amap = logits.softmax(-1).mean(1)  # [frames, N]
+        side = math.isqrt(amap.shape[-1])
+        amap = amap.view(-1, 1, side, side)
+        amap = torch.nn.functional.interpolate(amap, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+        amap = amap.flatten(1)
+    return list(amap.view(num_videos, -1, amap.shape[-1]).unbind(0))
 
 
 def _infer_frames(n_content: int, cfg: Any) -> int:

@@ -3,6 +3,8 @@
 Visual features come from the model's own ``get_image_features`` / ``get_video_features``
 (ViT + 2×2 patch merger): each image or video is a ``(t, h/2, w/2)`` grid in raster order,
 frame-major, where one token frame is one *temporal patch* (2 raw video frames).
+The ViT has neither a [CLS] token nor a pooling head, so methods that ask for encoder
+attention get the frame-mean query stand-in (``specs/lftr.md`` §3.5.1).
 Positions are M-RoPE 3-D ids computed by the model's ``get_rope_index`` on the full,
 unpruned sequence; the runtime gathers them, so kept tokens keep their ``(t, h, w)`` ids.
 """
@@ -38,7 +40,7 @@ class Qwen2VLAdapter(Adapter):
             or any(v is not None for v in enc.values())
         )
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
@@ -112,6 +114,7 @@ class Qwen2VLAdapter(Adapter):
             position_ids=position_ids,
             segments=segments,
             style=self.style,
+            encoder_signal="frame-mean" if encoder_attention else "",
         )
 
     def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:

@@ -24,11 +24,14 @@ import torch
 
 from ..errors import InputError
 from ..methods.base import MethodSpec, Selector
+from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
 from .trim import Trimmed, TrimStats, trim
 
 STATE_ATTR = "_visiontrim_state"
-_PASS_THROUGH_MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+#: optional call argument: ``[B, L]`` bool mask of the question tokens, for methods that use text
+QUESTION_KEY = "question_mask"
+_PASS_THROUGH_MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", QUESTION_KEY)
 
 
 @dataclass
@@ -65,8 +68,51 @@ def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _needs(state: TrimState) -> tuple[bool, bool]:
+    text = bool(getattr(state.selector, "needs_text", state.spec.needs_text))
+    attention = bool(getattr(state.selector, "needs_encoder_attention", state.spec.needs_encoder_attention))
+    return text, attention
+
+
+def _questions(model: torch.nn.Module, state: TrimState, prepared: Prepared, mask: Any) -> list[torch.Tensor]:
+    """Question token positions per sample: from ``question_mask`` or the adapter's rule."""
+    ids = prepared.input_ids
+    valid = prepared.attention_mask.bool()
+    out = []
+    for b in range(ids.shape[0]):
+        if mask is not None:
+            q = (mask[b].bool() & valid[b]).nonzero(as_tuple=True)[0]
+        else:
+            visual = torch.zeros_like(valid[b])
+            for seg in prepared.segments[b]:
+                visual[seg.positions] = True
+                visual[seg.structural] = True
+            q = question_positions(ids[b], valid[b], visual, state.adapter.special_ids(model), state.adapter.end_ids(model))
+        if q.numel() == 0:
+            raise InputError(
+                f"method {state.spec.name!r} needs the question text, but sample {b} of this "
+                f"{type(model).__name__} call has no question tokens (no text after or before its visual "
+                "inputs); pass question_mask=[B, L] bool marking the question tokens"
+            )
+        out.append(q)
+    return out
+
+
 def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> tuple[Prepared, Trimmed]:
-    prepared = state.adapter.prepare(model, kw)
+    needs_text, needs_attention = _needs(state)
+    if needs_attention and state.adapter.fallback_encoder_signal is None:
+        raise InputError(
+            f"method {state.spec.name!r} needs vision-encoder attention, which {type(model).__name__} "
+            "cannot give (no summary token, pooling head or stand-in for this family)"
+        )
+    question_mask = kw.get(QUESTION_KEY)
+    ids = state.adapter.require_ids(kw)
+    if question_mask is not None and (
+        not isinstance(question_mask, torch.Tensor) or tuple(question_mask.shape) != tuple(ids.shape)
+    ):
+        raise InputError(f"{QUESTION_KEY} must be a bool tensor shaped like input_ids {tuple(ids.shape)}")
+    prepared = state.adapter.prepare(model, kw, encoder_attention=needs_attention)
+    questions = _questions(model, state, prepared, question_mask) if needs_text else None
     user_pos = kw.get("position_ids")
     if user_pos is not None:
         if prepared.style == "mrope":
@@ -75,7 +121,15 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
             prepared.position_ids = user_pos[-3:]
         else:
             prepared.position_ids = user_pos.expand(prepared.input_ids.shape[0], -1)
-    trimmed = trim(prepared, state.selector, state.retain, state.positions, state.spec.name)
+    trimmed = trim(
+        prepared,
+        state.selector,
+        state.retain,
+        state.positions,
+        state.spec.name,
+        questions=questions,
+        want_attention=needs_attention,
+    )
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
     state.last = trimmed.stats
     state.calls += 1
@@ -109,6 +163,7 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
     def forward(*args: Any, **kwargs: Any) -> Any:
         kw = _bind(original, args, kwargs)
         if not state.adapter.has_visual(kw):
+            kw.pop(QUESTION_KEY, None)
             return original(**kw)
         if _cache_length(kw.get("past_key_values")) > 0:
             raise InputError(
@@ -164,6 +219,7 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
             if inputs is not None:
                 kw.setdefault("input_ids", inputs)
         if not state.adapter.has_visual(kw):
+            kw.pop(QUESTION_KEY, None)
             return original(**kw)
         if _cache_length(kw.get("past_key_values")) > 0:
             raise InputError("visiontrim cannot continue generation from a cache when new pixel inputs are given")

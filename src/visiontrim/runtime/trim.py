@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..methods.base import SegmentContext, Selection, Selector
+from ..methods.signals import frame_mean_attention
 from ..models.base import Prepared, Segment
 
 POSITION_MODES = ("preserve", "compact")
@@ -65,6 +66,11 @@ class TrimStats:
     seq_after: list[int]
     keep: list[torch.Tensor] = field(repr=False)
     total_ms: float = 0.0
+    #: per sample, ``(positions [k], features [k, D])`` written over kept tokens by merging methods
+    replaced: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list, repr=False)
+    #: per sample, the sequence positions read as the question (methods that use text)
+    question: list[torch.Tensor] | None = field(default=None, repr=False)
+    encoder_signal: str = ""
 
     @property
     def tokens_before(self) -> int:
@@ -89,6 +95,8 @@ class TrimStats:
             "tokens_after": self.tokens_after,
             "score_ms": round(self.score_ms, 4),
             "trim_ms": round(self.total_ms, 4),
+            "encoder_signal": self.encoder_signal or None,
+            "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
             "samples": [
                 {
                     "sequence_before": self.seq_before[b],
@@ -134,10 +142,23 @@ def _check_selection(sel: Selection, n: int, T: int, name: str) -> None:
         raise RuntimeError(f"method {name!r} returned {sel.features.shape[0]} features for {keep.numel()} tokens")
 
 
-def select_segment(selector: Selector, x: torch.Tensor, retain: float, seg: Segment) -> tuple[Selection, float]:
-    context = SegmentContext(modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid)
+def select_segment(
+    selector: Selector,
+    x: torch.Tensor,
+    retain: float,
+    seg: Segment,
+    text: torch.Tensor | None = None,
+    want_attention: bool = False,
+) -> tuple[Selection, float]:
+    """Run the method on one segment ``x`` ``[T, M, D]``; returns the selection and its time in ms."""
     start = time.perf_counter()
     with torch.no_grad():
+        attention = None
+        if want_attention:
+            attention = seg.encoder_attention if seg.encoder_attention is not None else frame_mean_attention(x)
+        context = SegmentContext(
+            modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid, text=text, encoder_attention=attention
+        )
         sel = selector.select(x, retain, context)
     return sel, (time.perf_counter() - start) * 1000.0
 
@@ -148,8 +169,15 @@ def trim(
     retain: float,
     positions: str,
     method_name: str,
+    questions: list[torch.Tensor] | None = None,
+    want_attention: bool = False,
 ) -> Trimmed:
-    """Score every segment of every sample, keep the selected tokens, re-pad the batch."""
+    """Score every segment of every sample, keep the selected tokens, re-pad the batch.
+
+    ``questions[b]`` (positions of sample ``b``'s question tokens) is given to methods that use
+    text: their embeddings are passed as ``context.text``. ``want_attention`` passes each
+    segment's encoder attention (or the frame-mean stand-in) as ``context.encoder_attention``.
+    """
     start = time.perf_counter()
     embeds = prepared.inputs_embeds
     mask = prepared.attention_mask
@@ -162,16 +190,18 @@ def trim(
     keeps: list[torch.Tensor] = []
     seg_stats: list[list[SegmentStats]] = []
     seq_before: list[int] = []
+    replaced_all: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for b in range(B):
         valid = mask[b].bool()
         keep_mask = valid.clone()
         row = embeds[b]
         replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
         stats_b: list[SegmentStats] = []
+        text = row[questions[b]].detach() if questions is not None else None
         for seg in prepared.segments[b]:
             T, M = seg.num_frames, seg.tokens_per_frame
             x = row[seg.positions].reshape(T, M, D)
-            sel, ms = select_segment(selector, x, retain, seg)
+            sel, ms = select_segment(selector, x, retain, seg, text, want_attention)
             _check_selection(sel, T * M, T, method_name)
             keep_mask[seg.positions] = False
             kept_pos = seg.positions[sel.keep.to(seg.positions.device)]
@@ -196,6 +226,7 @@ def trim(
             row = row.clone()
             for kept_pos, feats in replaced:
                 row[kept_pos] = feats.to(row.dtype)
+        replaced_all.append(replaced)
         keep = keep_mask.nonzero(as_tuple=True)[0]
         keeps.append(keep)
         rows_embeds.append(row[keep])
@@ -232,5 +263,8 @@ def trim(
         seq_after=lengths,
         keep=keeps,
         total_ms=(time.perf_counter() - start) * 1000.0,
+        replaced=replaced_all,
+        question=questions,
+        encoder_signal=prepared.encoder_signal,
     )
     return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats)
