@@ -277,3 +277,35 @@ def test_unknown_method(tiny_models: Models, videos: Videos, capsys: Capsys) -> 
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown method 'nosuch'" in err and "vidcom2" in err
+
+
+@pytest.mark.parametrize(
+    "method_args",
+    [
+        ["--method", "lftr", "--temporal", "similarity", "--spatial", "text", "--temporal-rate", "0.5",
+         "--spatial-rate", "0.5"],
+        ["--method", "lftr", "--temporal", "differential", "--spatial", "topic", "--budget", "fca"],
+        ["--method", "visionzip", "--budget", "fca"],
+        ["--method", "dycoke"],
+        ["--method", "random", "-o", "seed=3", "--budget", "fca"],
+        ["--method", "vidcom2", "-o", "exact=false"],
+    ],
+)
+def test_run_accepts_every_method_and_its_options(method_args: list[str], tiny_models: Models, videos: Videos,
+                                                  capsys: Capsys) -> None:
+    video = videos[sorted(videos)[-1]]
+    data = _run_json(capsys, ["run", "--model", str(tiny_models["llava-onevision"]), "--video", str(video),
+                              "--question", "what is shown", "--frames", "4", "--max-new-tokens", "2", "--json",
+                              *method_args])
+    assert data["method"] == method_args[1]
+    assert 0 < data["tokens_after"] < data["tokens_before"]
+    if method_args[1] == "lftr" and "text" in method_args:
+        assert data["question_tokens"] and data["question_tokens"] > 0
+        assert data["options"]["temporal_ratio"] == 0.5
+
+
+def test_run_rejects_unknown_method_options_before_loading(tmp_path: Path, videos: Videos, capsys: Capsys) -> None:
+    code = main(["run", "--model", str(tmp_path / "nowhere"), "--video", str(videos[sorted(videos)[-1]]),
+                 "--question", "q", "--method", "vidcom2", "-o", "bogus=1"])
+    assert code == 2
+    assert "does not accept option(s) bogus" in capsys.readouterr().err

@@ -71,6 +71,52 @@ def _seed(text: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    lowered = value.strip()
+    if lowered.lower() in ("true", "false", "none", "null"):
+        return key.strip(), {"true": True, "false": False}.get(lowered.lower())
+    try:
+        return key.strip(), json.loads(lowered)
+    except ValueError:
+        return key.strip(), value
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = dict(args.option)
+    named = {
+        "budget": args.budget,
+        "temporal": args.temporal,
+        "spatial": args.spatial,
+        "temporal_ratio": args.temporal_rate,
+        "spatial_ratio": args.spatial_rate,
+    }
+    options.update({k: v for k, v in named.items() if v is not None})
+    return options
+
+
+def _question_mask(processor: Any, input_ids: Any, question: str) -> Any:
+    """Mark the question's tokens in ``input_ids`` ``[1, L]``; ``None`` when they cannot be found."""
+    import torch
+
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    row = input_ids[0].tolist()
+    for text in (question, " " + question, "\n" + question):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids)
+        for start in range(len(row) - n, -1, -1):
+            if n and row[start : start + n] == ids:
+                mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                mask[0, start : start + n] = True
+                return mask
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``visiontrim`` argument parser with its three subcommands."""
     from visiontrim.tiny import ARCHS
@@ -111,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--positions", choices=_POSITIONS, default=None, help="position ids of kept tokens (default: the method's)"
     )
+    run.add_argument("--budget", choices=("uniform", "fca"), default=None,
+                     help="per-frame budget policy for methods that accept one (default: the method's)")
+    run.add_argument("--temporal", choices=("similarity", "differential", "off"), default=None,
+                     help="lftr: temporal stage (default: similarity)")
+    run.add_argument("--spatial", choices=("text", "topic", "off"), default=None,
+                     help="lftr: spatial stage (default: text)")
+    run.add_argument("--temporal-rate", type=_retain, default=None, metavar="R",
+                     help="lftr: fraction kept by the temporal stage, in (0, 1] (overrides --retain)")
+    run.add_argument("--spatial-rate", type=_retain, default=None, metavar="R",
+                     help="lftr: fraction of the temporal output kept by the spatial stage, in (0, 1]")
+    run.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", type=_option,
+                     help="any method option, e.g. -o exact=false -o seed=3 (repeatable)")
     run.add_argument("--dtype", choices=_DTYPES, default="float32", help="model dtype (default: %(default)s)")
     run.add_argument("--attn", choices=_ATTN, default="sdpa", help="attention implementation (default: %(default)s)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -305,8 +363,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import visiontrim
     from visiontrim.video import load_image, read_video
 
+    options = _method_options(args)
     if args.method != "none":
-        visiontrim.methods.get(args.method)  # unknown method: fail before any loading
+        spec = visiontrim.methods.get(args.method)  # unknown method or option: fail before any loading
+        selector = spec.create(**options)
+        needs_text = bool(getattr(selector, "needs_text", spec.needs_text))
+    elif options:
+        raise InputError("method options were given with --method none")
     clip = read_video(args.video, args.frames) if args.video else None
     image = load_image(args.image) if args.image else None
 
@@ -327,7 +390,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     handle = None
     if args.method != "none":
-        handle = visiontrim.compress(model, args.method, retain=args.retain, positions=args.positions)
+        handle = visiontrim.compress(model, args.method, retain=args.retain, positions=args.positions, **options)
+        mask = _question_mask(processor, inputs["input_ids"], args.question) if needs_text else None
+        if mask is not None:
+            inputs["question_mask"] = mask
     try:
         _, prefill_ms = _generate(model, inputs, 1)
         output, total_ms = _generate(model, inputs, args.max_new_tokens)
@@ -345,6 +411,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "method": args.method,
         "retain": args.retain if handle is not None else 1.0,
         "positions": handle.positions if handle is not None else None,
+        "options": options,
+        "question_tokens": int(inputs["question_mask"].sum()) if "question_mask" in inputs else None,
         "input": {
             "kind": "video" if clip is not None else "image",
             "path": args.video or args.image,
