@@ -1,4 +1,4 @@
-"""Command line interface: ``visiontrim methods | make-tiny | run``.
+"""Command line interface: ``visiontrim methods | make-tiny | run | demo | bench``.
 
 ``visiontrim run`` loads a Hugging Face video LLM, compresses its visual tokens with a
 registered method and answers one question about a video or an image, reporting how many
@@ -173,7 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn", choices=_ATTN, default="sdpa", help="attention implementation (default: %(default)s)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=_cmd_run)
+
+    # Commands that live in their own modules: each module offers
+    # ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when used.
+    for name, module, help_text in _PLUGINS:
+        _add_plugin(sub, name, module, help_text)
+    bench = sub.add_parser("bench", help="measure methods: speed (latency, memory, FLOPs) or quality (accuracy)")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+    for name, module, help_text in _BENCH_PLUGINS:
+        _add_plugin(bench_sub, name, module, help_text)
     return parser
+
+
+#: (command, module, help) of top-level commands implemented elsewhere
+_PLUGINS: tuple[tuple[str, str, str], ...] = (
+    ("demo", "visiontrim.zoo.demo", "offline demo: the embedded video model, uncompressed and compressed"),
+)
+#: (kind, module, help) of ``visiontrim bench KIND``
+_BENCH_PLUGINS: tuple[tuple[str, str, str], ...] = (
+    ("speed", "visiontrim.bench.speed", "prefill/decode latency, peak memory and FLOPs per method"),
+    ("quality", "visiontrim.bench.quality", "accuracy per method × retain × question family"),
+)
+
+
+def _add_plugin(sub: Any, name: str, module: str, help_text: str) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return  # not part of this installation
+        raise
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    mod.add_arguments(parser)
+    parser.set_defaults(func=mod.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
