@@ -38,8 +38,9 @@ TEXT = dict(
 )
 
 
-def build(arch: str, attn: str = "sdpa", seed: int = 0, siglip_head: bool = False) -> torch.nn.Module:
+def build(arch: str, attn: str = "sdpa", seed: int = 0, siglip_head: bool = False, layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
+    TEXT["num_hidden_layers"] = layers
     if arch == "llava-onevision":
         cfg = LlavaOnevisionConfig(
             vision_config=dict(

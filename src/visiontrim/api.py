@@ -11,6 +11,7 @@ from .errors import InputError
 from .methods.budget import check_retain
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
+from .runtime.patch import lm_shape
 
 
 class TrimHandle:
@@ -81,9 +82,22 @@ def compress(
     value = check_retain(retain)
     if positions is not None and positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
-    if spec.stage != "pre-llm":
-        raise InputError(f"method {spec.name!r} runs inside the language model, which this version does not support yet")
-    selector = spec.create(**options)
+    method = spec.create(**options)
+    num_layers = lm_shape(model)[3]
+    inllm = method if spec.stage == "in-llm" else None
+    selector = method if spec.stage == "pre-llm" else None
+    dp = method.decode_stage() if hasattr(method, "decode_stage") else None
+    for part in (inllm, dp):
+        if part is not None:
+            part.check_depth(num_layers)
+    if inllm is not None:
+        inllm.plan(10_000, num_layers, value)  # a retain this schedule cannot reach fails here, not mid-call
+    chosen = positions or spec.positions_for(adapter.style)
+    if (inllm is not None or dp is not None) and adapter.style == "mrope" and chosen == "compact":
+        raise InputError(
+            f"positions='compact' is not defined for in-LLM pruning on M-RoPE models ({type(model).__name__}); "
+            "use positions='preserve'"
+        )
     existing = get_state(model)
     if existing is not None:
         raise InputError(
@@ -94,9 +108,11 @@ def compress(
         spec=spec,
         selector=selector,
         retain=value,
-        positions=positions or spec.positions_for(adapter.style),
+        positions=chosen,
         adapter=adapter,
         options=dict(options),
+        inllm=inllm,
+        dp=dp,
     )
     install(model, state)
     return TrimHandle(model, state)

@@ -22,6 +22,7 @@ from .budget import (
     uniform_budget,
 )
 from .dycoke import DyCoke
+from .inllm import DyCokeDP, FastV, PDrop, PrunePoint, SampleLayout, select_top
 from .lftr import LFTR
 from .vidcom2 import VidCom2
 from .visionzip import VisionZip
@@ -129,6 +130,31 @@ register(
     )
 )
 
+register(
+    MethodSpec(
+        name="fastv",
+        stage="in-llm",
+        summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
+        factory=FastV,
+        default_positions={"1d": "preserve", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(FastV),
+        reference="Chen et al., ECCV 2024 (arXiv 2403.06764)",
+    )
+)
+register(
+    MethodSpec(
+        name="pdrop",
+        stage="in-llm",
+        summary="PyramidDrop: geometric visual-token drops at stage boundaries, ranked by the last instruction token",
+        factory=PDrop,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(PDrop),
+        reference="Xing et al., CVPR 2025",
+    )
+)
+
 __all__ = [
     "MethodSpec",
     "SegmentContext",
@@ -152,4 +178,10 @@ __all__ = [
     "LFTR",
     "VisionZip",
     "DyCoke",
+    "DyCokeDP",
+    "FastV",
+    "PDrop",
+    "PrunePoint",
+    "SampleLayout",
+    "select_top",
 ]

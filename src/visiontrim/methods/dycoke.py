@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from .inllm import DyCokeDP
 from .base import SegmentContext, Selection, check_segment, gather_per_frame, rank_ascending, validate_choice
 from .budget import BUDGET_POLICIES, COUNT_RULES, TAU, apportion, fca_ratios, frame_scores, retained_count
 
@@ -95,7 +96,8 @@ def same_position_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DyCoke:
-    """Configured DyCoke-TTM selector (stage 2, decode-time KV pruning, is not part of it)."""
+    """Configured DyCoke selector: stage 1 (TTM) before the LLM; with ``dp=True`` also stage 2,
+    the decode-time dynamic pruning of the visual KV cache (:class:`~visiontrim.methods.inllm.DyCokeDP`)."""
 
     dycoke_k: float | None = field(
         default=None,
@@ -118,8 +120,23 @@ class DyCoke:
     count_rule: str = field(
         default="round", metadata={"help": "total from retain: 'round' r*N or 'floor' float32(r)*N"}
     )
+    dp: bool = field(default=False, metadata={"help": "stage 2: dynamic visual KV pruning while decoding"})
+    dp_layer: int = field(default=3, metadata={"help": "stage 2: first decoder layer whose visual KV is pruned"})
+    dp_prune: float = field(default=0.7, metadata={"help": "stage 2: fraction of visual KV hidden on a changed step"})
+    dp_threshold: float = field(default=0.9, metadata={"help": "stage 2: cosine below which the selection is redone"})
+    dp_stable: str = field(default="reference", metadata={"help": "stage 2 on stable steps: 'reference' or 'reuse_previous'"})
+
+    def decode_stage(self) -> DyCokeDP | None:
+        """The configured stage 2 (``dp=True``), run by the runtime while decoding."""
+        if not self.dp:
+            return None
+        return DyCokeDP(layer=self.dp_layer, prune=self.dp_prune, threshold=self.dp_threshold, stable=self.dp_stable)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dp, bool):
+            raise InputError(f"dycoke option dp must be True or False, got {self.dp!r}")
+        if self.dp:
+            self.decode_stage()  # validates the stage-2 options
         if self.dycoke_k is not None:
             k = self.dycoke_k
             if isinstance(k, bool) or not isinstance(k, (int, float)) or math.isnan(k) or not 0.0 <= k < 1.0:

@@ -23,9 +23,12 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..methods.base import MethodSpec, Selector
+from ..methods.base import MethodSpec, Selection, Selector
+from ..methods.budget import fca_budget
+from ..methods.inllm import SampleLayout
 from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
+from .inllm import Pending, make_lm_forward
 from .trim import Trimmed, TrimStats, trim
 
 STATE_ATTR = "_visiontrim_state"
@@ -47,6 +50,17 @@ class TrimState:
     saved: dict[str, Any] = field(default_factory=dict)
     last: TrimStats | None = None
     calls: int = 0
+    #: in-LLM method (prunes between decoder layers) and DyCoke's decode-time stage, if any
+    inllm: Any = None
+    dp: Any = None
+    #: in-LLM bookkeeping: what the next prefill needs, the running generation, the last record
+    pending: Any = None
+    session: Any = None
+    inllm_record: Any = None
+
+    @property
+    def uses_lm_loop(self) -> bool:
+        return self.inllm is not None or self.dp is not None
 
 
 def get_state(model: object) -> TrimState | None:
@@ -123,7 +137,7 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
             prepared.position_ids = user_pos.expand(prepared.input_ids.shape[0], -1)
     trimmed = trim(
         prepared,
-        state.selector,
+        state.selector if state.selector is not None else KeepAll(),
         state.retain,
         state.positions,
         state.spec.name,
@@ -131,8 +145,12 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         want_attention=needs_attention,
     )
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
+    trimmed.stats.lm_shape = lm_shape(model)
     state.last = trimmed.stats
     state.calls += 1
+    if state.uses_lm_loop:
+        state.pending = pending_layouts(prepared, trimmed, state)
+        state.session = None
     return prepared, trimmed
 
 
@@ -253,14 +271,72 @@ def _prepend_prompt(out: Any, input_ids: torch.Tensor) -> Any:
     return out
 
 
+def lm_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(hidden, MLP width, key/value width, layers) of the model's language model."""
+    cfg = getattr(model.config, "text_config", model.config)
+    d = int(cfg.hidden_size)
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    return d, int(cfg.intermediate_size), kv, int(cfg.num_hidden_layers)
+
+
+class KeepAll:
+    """Selector that keeps every token (in-LLM methods decide later, inside the model)."""
+
+    def select(self, x: torch.Tensor, retain: float, context: Any = None) -> Selection:
+        T, M, _ = x.shape
+        return Selection(keep=torch.arange(T * M, device=x.device),
+                         frame_counts=torch.full((T,), M, dtype=torch.long))
+
+
+def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> Pending:
+    """Where the visual tokens sit in the sequence the language model receives, per sample."""
+    B, Lp = trimmed.attention_mask.shape
+    fca = getattr(state.inllm, "budget", "uniform") == "fca"
+    layouts, weights = [], []
+    for b in range(B):
+        keep = trimmed.keep[b]
+        n = keep.numel()
+        off = Lp - n if trimmed.padding_side == "left" else 0
+        vis, frames, w = [], [], []
+        frame_base = 0
+        total = sum(seg.num_frames * seg.tokens_per_frame for seg in prepared.segments[b])
+        for seg in prepared.segments[b]:
+            T, M = seg.num_frames, seg.tokens_per_frame
+            kept = torch.isin(seg.positions, keep)
+            local = kept.nonzero(as_tuple=True)[0]
+            vis.append(torch.searchsorted(keep, seg.positions[local]) + off)
+            frames.append(local // M + frame_base)
+            if fca:
+                x = prepared.inputs_embeds[b, seg.positions].reshape(T, M, -1)
+                _, wt = fca_budget(x, state.retain)
+                w.append(wt.to(torch.float64) * (T * M) / max(total, 1))
+            frame_base += T
+        visual = torch.cat(vis) if vis else keep.new_zeros(0)
+        order = torch.argsort(visual)
+        visual = visual[order]
+        frame = torch.cat(frames)[order] if frames else keep.new_zeros(0)
+        start = int(visual.max()) + 1 if visual.numel() else off
+        text = torch.arange(start, off + n, device=keep.device)
+        layouts.append(SampleLayout(visual=visual, text=text, last=off + n - 1, frame=frame))
+        weights.append(torch.cat(w) if w else None)
+    return Pending(layouts, weights)
+
+
 def install(model: torch.nn.Module, state: TrimState) -> None:
-    """Wrap ``model.forward`` and ``model.generate``; the caller has validated everything."""
+    """Wrap ``model.forward`` and ``model.generate`` (and, for in-LLM methods, the language
+    model's ``forward``); the caller has validated everything."""
     for name in ("forward", "generate"):
         state.saved[name] = model.__dict__.get(name, _MISSING)
     originals = {"forward": model.forward, "generate": model.generate}
     setattr(model, STATE_ATTR, state)
     model.forward = _make_forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _make_generate(model, state, originals["generate"])  # type: ignore[method-assign]
+    if state.uses_lm_loop:
+        lm = model.model.language_model
+        state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
+        lm.forward = make_lm_forward(model, lm, state, lm.forward)  # type: ignore[method-assign]
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -274,6 +350,12 @@ def uninstall(model: torch.nn.Module) -> None:
             del model.__dict__[name]
         if prev is not _MISSING:
             model.__dict__[name] = prev
+    if "lm_forward" in state.saved:
+        lm = model.model.language_model
+        lm.__dict__.pop("forward", None)
+        if state.saved["lm_forward"] is not _MISSING:
+            lm.__dict__["forward"] = state.saved["lm_forward"]
+    state.pending = state.session = None
     state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
     delattr(model, STATE_ATTR)
 

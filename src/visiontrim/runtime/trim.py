@@ -71,6 +71,10 @@ class TrimStats:
     #: per sample, the sequence positions read as the question (methods that use text)
     question: list[torch.Tensor] | None = field(default=None, repr=False)
     encoder_signal: str = ""
+    #: in-LLM methods: per-layer visual counts and kept tokens (set when the prefill has run)
+    inllm: Any = field(default=None, repr=False)
+    #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
+    lm_shape: tuple[int, int, int, int] | None = None
 
     @property
     def tokens_before(self) -> int:
@@ -79,7 +83,10 @@ class TrimStats:
 
     @property
     def tokens_after(self) -> int:
-        """Visual content tokens kept, summed over the batch."""
+        """Visual content tokens kept, summed over the batch (for in-LLM methods: those that
+        reach the last decoder layer)."""
+        if self.inllm is not None and self.inllm.v_out and self.inllm.v_out[0]:
+            return sum(v[-1] for v in self.inllm.v_out)
         return sum(s.tokens_after for row in self.segments for s in row)
 
     @property
@@ -97,15 +104,44 @@ class TrimStats:
             "trim_ms": round(self.total_ms, 4),
             "encoder_signal": self.encoder_signal or None,
             "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
-            "samples": [
-                {
-                    "sequence_before": self.seq_before[b],
-                    "sequence_after": self.seq_after[b],
-                    "segments": [s.as_dict() for s in self.segments[b]],
-                }
-                for b in range(len(self.segments))
-            ],
+            "samples": [self._sample_dict(b) for b in range(len(self.segments))],
         }
+
+    def equivalent_tokens(self, b: int) -> dict[str, float] | None:
+        """In-LLM methods: E_out (the reference count: mean visual tokens leaving each layer,
+        recycled ones included) and E_in (mean entering each layer) of sample ``b``."""
+        if self.inllm is None:
+            return None
+        e_out, e_in = self.inllm.equivalent(b)
+        return {"E_out": e_out, "E_in": e_in}
+
+    def prefill_flops(self, b: int) -> dict[str, float] | None:
+        """Analytical prefill FLOPs of sample ``b``'s language model, pruned and unpruned
+        (``n·d·(2d + 2·d_kv) + 2n²d + 3ndm`` per layer, multiply-accumulates)."""
+        if self.lm_shape is None:
+            return None
+        d, m, dkv, layers = self.lm_shape
+        per_layer = self.inllm.seq_in[b] if self.inllm is not None else [self.seq_after[b]] * layers
+
+        def f(n: int) -> float:
+            return n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m
+
+        return {"pruned": float(sum(f(n) for n in per_layer)), "unpruned": float(layers * f(self.seq_before[b]))}
+
+    def _sample_dict(self, b: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "sequence_before": self.seq_before[b],
+            "sequence_after": self.seq_after[b],
+            "segments": [s.as_dict() for s in self.segments[b]],
+        }
+        if self.inllm is not None:
+            out["visual_per_layer_in"] = self.inllm.v_in[b]
+            out["visual_per_layer_out"] = self.inllm.v_out[b]
+            out["equivalent_tokens"] = self.equivalent_tokens(b)
+        flops = self.prefill_flops(b)
+        if flops is not None:
+            out["prefill_flops"] = flops
+        return out
 
 
 @dataclass

@@ -1,0 +1,303 @@
+"""In-LLM methods: prune visual tokens between decoder layers, ranked by text→visual attention.
+
+Pure tensor code. The runtime runs the decoder layer by layer and, at each prune point,
+hands the method exactly the attention rows it asks for — post-softmax probabilities
+``[H, R, Lk]`` (fp32) of the chosen query rows over all keys, computed from the model's own
+post-RoPE queries and keys, never a full ``[H, L, L]`` map. The method turns them into one
+score per visual token; the runtime keeps the top ones (optionally per frame, with FCA
+budgets) and shrinks the sequence.
+
+Words: ``V0`` visual tokens at the LLM input, ``L`` decoder layers. A :class:`PrunePoint`
+prunes the *output* of decoder layer ``layer``: later layers, and their KV caches, hold only
+the kept tokens. Its scores come from the attention of that layer itself
+(``source="self"``: FastV, SparseVLM) or of the next layer, recomputed from the current
+hidden states before it runs (``source="next"``: PDrop).
+
+Retain and equivalent tokens (``specs/baselines.md`` §0.1, ``specs/sparsevlm.md`` §8):
+``equivalent="input"`` (default) chooses the keep counts so that the mean number of visual
+tokens *entering* each layer, ``E_in = (1/L)·Σ_l V_in(l)``, is ``retain·V0``;
+``"output"`` uses the mean over layer outputs ``E_out`` (the SparseVLM reference count);
+``"keep"`` reads ``retain`` as the fraction kept at the (first) prune point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from .base import validate_choice
+from .budget import apportion
+
+EQUIVALENT_MODES = ("input", "output", "keep")
+
+
+@dataclass(frozen=True)
+class PrunePoint:
+    """Prune the output of decoder layer ``layer`` down to ``keep`` visual tokens."""
+
+    layer: int
+    keep: int
+    source: str = "self"
+
+
+@dataclass
+class SampleLayout:
+    """Where things are in one sample's current sequence (indices into that layer's sequence).
+
+    Attributes:
+        visual: ``[V]`` ascending indices of the visual tokens still present.
+        text: ``[Nt]`` indices of the text after the last visual token (the question and the
+            chat template), padding excluded.
+        last: index of the last prompt token.
+        frame: ``[V]`` frame id of each visual token (unique across the sample's segments).
+    """
+
+    visual: torch.Tensor
+    text: torch.Tensor
+    last: int
+    frame: torch.Tensor
+
+
+def head_mean_rows(attn: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Mean over heads and query rows of the attention paid to each visual column: ``[V]``."""
+    return attn.float().mean(dim=0)[:, visual].mean(dim=0)
+
+
+def select_top(
+    score: torch.Tensor,
+    k: int,
+    frame: torch.Tensor | None = None,
+    frame_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` best-scoring tokens; ties go to the earlier token.
+
+    With ``frame`` ``[V]`` and ``frame_weights`` ``[F]`` (FCA), ``k`` is first apportioned over
+    frames in proportion to the weights (bounded by each frame's tokens, at least one per
+    frame when ``k`` allows) and each frame keeps its own best tokens.
+    """
+    V = score.numel()
+    k = max(0, min(int(k), V))
+    order = torch.sort(-score.float(), stable=True).indices
+    if frame is None or frame_weights is None:
+        return torch.sort(order[:k]).values
+    ids, inverse = torch.unique(frame, return_inverse=True)
+    counts = torch.bincount(inverse, minlength=ids.numel())
+    weights = frame_weights.to(torch.float64)[ids]
+    lower = 1 if k >= ids.numel() else 0
+    quota = weights / weights.sum().clamp_min(1e-12) * k
+    per = apportion(quota, k, counts, priority=weights, lower=lower)
+    keep = []
+    for j in range(ids.numel()):
+        members = (inverse == j).nonzero(as_tuple=True)[0]
+        local = torch.sort(-score[members].float(), stable=True).indices[: int(per[j])]
+        keep.append(members[local])
+    return torch.sort(torch.cat(keep)).values if keep else order[:0]
+
+
+def _check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> None:
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise InputError(f"{name}: layer indices must be non-negative integers, got {layer!r}")
+        if layer >= num_layers:
+            raise InputError(
+                f"{name}: layer {layer} is past the language model's depth ({num_layers} layers, indices 0..{num_layers - 1})"
+            )
+
+
+def _keep_count(name: str, value: float, V0: int) -> int:
+    k = int(math.floor(value + 0.5))
+    if k < 1:
+        raise InputError(f"{name}: the requested budget leaves no visual token at the prune point (V0={V0})")
+    return min(k, V0)
+
+
+@dataclass
+class FastV:
+    """FastV: after layer ``K − 1``, keep the visual tokens the last prompt token attends to most.
+
+    ``K`` (``layer``) is the first layer that sees the pruned sequence (paper default 2).
+    Positions default to ``preserve`` (the reference keeps the original ids, with gaps).
+    """
+
+    layer: int = field(default=2, metadata={"help": "K: first layer that sees the pruned sequence (>= 1)"})
+    query: str = field(default="last", metadata={"help": "ranking rows: 'last' prompt token or 'mean_text'"})
+    equivalent: str = field(default="input", metadata={"help": "retain means E_in, E_out or 'keep' at layer K"})
+    budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+
+    stage = "in-llm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise InputError(f"fastv option layer (K) must be an integer >= 1, got {self.layer!r}")
+        validate_choice("fastv option query", self.query, ("last", "mean_text"))
+        validate_choice("fastv option equivalent", self.equivalent, EQUIVALENT_MODES)
+        validate_choice("fastv option budget", self.budget, ("uniform", "fca"))
+
+    def check_depth(self, num_layers: int) -> None:
+        _check_layers("fastv", (self.layer,), num_layers)
+
+    def plan(self, V0: int, num_layers: int, retain: float) -> list[PrunePoint]:
+        K, L = self.layer, num_layers
+        if self.equivalent == "keep":
+            k = retain * V0
+        elif self.equivalent == "input":  # (K·V0 + (L − K)·k) / L = r·V0
+            k = (retain * L - K) * V0 / (L - K)
+        else:  # ((K − 1)·V0 + (L − K + 1)·k) / L = r·V0
+            k = (retain * L - (K - 1)) * V0 / (L - K + 1)
+        if k < 0.5:
+            raise InputError(
+                f"fastv: retain={retain} is below what pruning at layer K={K} of {L} layers can reach with "
+                f"equivalent={self.equivalent!r} (minimum {K / L if self.equivalent == 'input' else (K - 1) / L:.3f}); "
+                "raise retain, lower K, or use equivalent='keep'"
+            )
+        return [PrunePoint(K - 1, _keep_count("fastv", k, V0), "self")]
+
+    def rows(self, layout: SampleLayout) -> torch.Tensor:
+        if self.query == "mean_text" and layout.text.numel():
+            return layout.text
+        return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
+
+    def score(self, attn: torch.Tensor, layout: SampleLayout, point: PrunePoint) -> torch.Tensor:
+        return head_mean_rows(attn, layout.visual)
+
+
+@dataclass
+class PDrop:
+    """PyramidDrop: at each stage boundary ``b``, rank the visual tokens by the attention that
+    layer ``b`` would pay them from the last instruction token, and keep a geometric share.
+
+    ``layers=None`` places the boundaries at 1/4, 1/2 and 3/4 of the depth (the reference's
+    8/16/24 on 32 layers). ``ratios`` gives the stage keep fractions of ``V0`` explicitly
+    (reference: 0.5, 0.25, 0.125); otherwise ``λ_s = λ^s`` with ``λ`` solved so that the
+    ``equivalent`` count equals ``retain·V0``. Positions default to ``compact``.
+    """
+
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "stage boundaries (None: L/4, L/2, 3L/4)"})
+    ratios: tuple[float, ...] | None = field(default=None, metadata={"help": "keep fraction per stage (None: from retain)"})
+    equivalent: str = field(default="input", metadata={"help": "retain means E_in or E_out ('keep': first stage)"})
+    budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+
+    stage = "in-llm"
+
+    def __post_init__(self) -> None:
+        validate_choice("pdrop option equivalent", self.equivalent, EQUIVALENT_MODES)
+        validate_choice("pdrop option budget", self.budget, ("uniform", "fca"))
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            if not self.layers or list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 1:
+                raise InputError(f"pdrop option layers must be strictly increasing integers >= 1, got {self.layers!r}")
+        if self.ratios is not None:
+            self.ratios = tuple(float(r) for r in self.ratios)
+            if any(not 0 < r <= 1 for r in self.ratios) or list(self.ratios) != sorted(self.ratios, reverse=True):
+                raise InputError(f"pdrop option ratios must be non-increasing fractions in (0, 1], got {self.ratios!r}")
+            if self.layers is not None and len(self.ratios) != len(self.layers):
+                raise InputError("pdrop options layers and ratios must have the same length")
+
+    def boundaries(self, num_layers: int) -> tuple[int, ...]:
+        if self.layers is not None:
+            return self.layers
+        n = len(self.ratios) if self.ratios is not None else 3
+        out = sorted({max(1, round(num_layers * (s + 1) / (n + 1))) for s in range(n)})
+        return tuple(b for b in out if b < num_layers)
+
+    def check_depth(self, num_layers: int) -> None:
+        bounds = self.boundaries(num_layers)
+        if not bounds:
+            raise InputError(f"pdrop: a {num_layers}-layer model has no room for a stage boundary")
+        _check_layers("pdrop", bounds, num_layers)
+
+    def _counts(self, lam: float, V0: int, n: int) -> list[int]:
+        return [max(1, math.floor(V0 * lam ** (s + 1))) for s in range(n)]
+
+    def plan(self, V0: int, num_layers: int, retain: float) -> list[PrunePoint]:
+        bounds = self.boundaries(num_layers)
+        L = num_layers
+        if self.ratios is not None:
+            counts = [max(1, math.floor(V0 * r)) for r in self.ratios]
+        elif self.equivalent == "keep":
+            counts = self._counts(retain, V0, len(bounds))
+        else:
+            shift = 0 if self.equivalent == "input" else 1
+
+            def equiv(lam: float) -> float:
+                c = self._counts(lam, V0, len(bounds))
+                edges = [b - shift for b in bounds] + [L]
+                total = edges[0] * V0 + sum((edges[i + 1] - edges[i]) * c[i] for i in range(len(c)))
+                return total / L
+
+            lo, hi = 0.0, 1.0
+            if equiv(0.0) > retain * V0 + 1e-9:
+                raise InputError(
+                    f"pdrop: retain={retain} is below the minimum this schedule reaches "
+                    f"({equiv(0.0) / V0:.3f}); lower the first boundary or raise retain"
+                )
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if equiv(mid) > retain * V0:
+                    hi = mid
+                else:
+                    lo = mid
+            counts = self._counts(lo, V0, len(bounds))
+        counts = [min(c, V0) for c in counts]
+        return [PrunePoint(b - 1, c, "next") for b, c in zip(bounds, counts)]
+
+    def rows(self, layout: SampleLayout) -> torch.Tensor:
+        return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
+
+    def score(self, attn: torch.Tensor, layout: SampleLayout, point: PrunePoint) -> torch.Tensor:
+        return head_mean_rows(attn, layout.visual)
+
+
+@dataclass
+class DyCokeDP:
+    """DyCoke stage 2: dynamic pruning of the visual KV cache while decoding.
+
+    At every decode step the new token's attention at layer ``layer − 1`` (head mean, visual
+    columns) is compared with the previous step's by cosine similarity; when it changed
+    (``< threshold``) the layers ``>= layer`` attend, for this step, only to the top
+    ``(1 − prune)`` of the visual tokens by that attention. The cache itself is kept whole.
+    ``stable="reference"`` attends to everything on stable steps (the reference);
+    ``"reuse_previous"`` keeps the last selection.
+    """
+
+    layer: int = field(default=3, metadata={"help": "first layer whose attention is pruned at decode (>= 1)"})
+    prune: float = field(default=0.7, metadata={"help": "fraction of visual KV hidden per changed step, in [0, 1)"})
+    threshold: float = field(default=0.9, metadata={"help": "cosine similarity below which the selection is redone"})
+    stable: str = field(default="reference", metadata={"help": "'reference' or 'reuse_previous' on stable steps"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise InputError(f"dycoke option dp_layer must be an integer >= 1, got {self.layer!r}")
+        if not (isinstance(self.prune, (int, float)) and 0 <= self.prune < 1):
+            raise InputError(f"dycoke option dp_prune must be in [0, 1), got {self.prune!r}")
+        validate_choice("dycoke option dp_stable", self.stable, ("reference", "reuse_previous"))
+
+    def check_depth(self, num_layers: int) -> None:
+        _check_layers("dycoke dp", (self.layer,), num_layers)
+
+    def keep_count(self, V: int) -> int:
+        return max(1, math.floor((1 - self.prune) * V))
+
+    def step(
+        self, attn_row: torch.Tensor, visual: torch.Tensor, previous: torch.Tensor | None, last_keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One decode step for one sample.
+
+        Args:
+            attn_row: ``[H, 1, Lk]`` attention of the new token at layer ``layer − 1``.
+            visual: ``[V]`` visual key indices. previous: last step's ``[V]`` attention or None.
+        Returns:
+            ``(keep, a)``: ascending visual key indices to attend to in layers ``>= layer``
+            this step (``None``: all), and this step's ``[V]`` attention vector.
+        """
+        a = head_mean_rows(attn_row, visual)
+        sim = 0.0 if previous is None else float(torch.nn.functional.cosine_similarity(a, previous, dim=0))
+        if sim < self.threshold:
+            local = select_top(a, self.keep_count(visual.numel()))
+            return visual[local], a
+        if self.stable == "reuse_previous":
+            return last_keep, a
+        return None, a

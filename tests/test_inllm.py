@@ -1,0 +1,347 @@
+"""In-LLM pruning (FastV, PDrop, SparseVLM, DyCoke stage 2) against a by-hand reference.
+
+The reference runs the *unpatched* decoder layers one by one, without a KV cache, on the
+shrinking sequence: at each prune point it gathers the kept visual tokens recorded by
+``visiontrim.stats`` (plus every non-visual token), re-pads, and continues; each greedy step
+recomputes the whole sequence. Agreement therefore checks the runtime's KV caches of
+different lengths, per-layer masks, positions and decoding — not just "it runs".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _builders import ARCHS, IMAGE, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
+
+import visiontrim
+from visiontrim.methods import DyCokeDP, FastV, PDrop, select_top
+from visiontrim.runtime.inllm import _Capture, allowed_rows, call_capturing
+
+N_NEW = 4
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict = {}
+
+    def get(arch: str, attn: str):
+        if (arch, attn) not in cache:
+            cache[(arch, attn)] = build(arch, attn, layers=LAYERS)
+        return cache[(arch, attn)]
+
+    return get
+
+
+def samples_for(arch: str, batch: int):
+    if arch == "llava-onevision":  # videos only: the trailing newline is the one structural token
+        rows = [[("video", None)], [("video", None), ("video", None)], [("video", None)]]
+    else:
+        rows = [[("video", None)], [("image", (4, 6)), ("video", None)], [("video", None), ("image", (6, 4))]]
+    return rows[:batch] if batch == 1 else rows
+
+
+def visual_positions(arch: str, ids: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for row in ids:
+        if arch == "llava-onevision":
+            vis = (row == VIDEO)
+            ends = vis & ~torch.cat([vis[1:], vis.new_zeros(1)])  # the newline closing each video
+            out.append((vis & ~ends).nonzero(as_tuple=True)[0])
+        else:
+            out.append(((row == VIDEO) | (row == IMAGE)).nonzero(as_tuple=True)[0])
+    return out
+
+
+def split(pos):
+    if pos.dim() == 3 and pos.shape[0] == 4:
+        return pos[1:], pos[0]
+    return (pos, None) if pos.dim() == 3 else (pos, pos)
+
+
+def mask4d(m: torch.Tensor, hide: list[list[torch.Tensor | None]] | None, dtype) -> torch.Tensor:
+    """Causal + key padding, and optional per-row hidden keys: additive float mask [B, 1, L, L]."""
+    B, L = m.shape
+    allowed = torch.tril(torch.ones(L, L, dtype=torch.bool))[None] & m.bool()[:, None, :]
+    if hide is not None:
+        for b in range(B):
+            for i, cols in enumerate(hide[b]):
+                if cols is not None:
+                    allowed[b, i, cols] = False
+    out = torch.zeros(B, 1, L, L, dtype=dtype)
+    return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+@torch.no_grad()
+def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_prompt, dp=None, dp_hist=None):
+    """Last-position logits of the full sequence (prompt + appended tokens), layer by layer."""
+    lm = model.model.language_model
+    B, L = mask.shape
+    h, m = emb, mask
+    origin = torch.arange(L).expand(B, L).clone()
+    vis_sets = [set(v.tolist()) for v in visual]
+    point_layers = [p[0] for p in record.points]
+    for layer_idx, layer in enumerate(lm.layers):
+        hide = None
+        if dp is not None and layer_idx >= dp.layer and dp_hist:
+            hide = []
+            for b in range(B):
+                rows = [None] * h.shape[1]
+                for s, keeps in enumerate(dp_hist):
+                    if keeps[b] is None:
+                        continue
+                    row = int((origin[b] == n_prompt + s).nonzero())
+                    vis_here = torch.tensor([j for j in range(h.shape[1]) if int(origin[b, j]) in vis_sets[b]])
+                    rows[row] = vis_here[~torch.isin(origin[b, vis_here], keeps[b])]
+                hide.append(rows)
+        pe = lm.rotary_emb(h, rot)
+        h = layer(h, attention_mask=mask4d(m, hide, h.dtype), position_embeddings=pe, position_ids=text)
+        for point_idx in [i for i, pl in enumerate(point_layers) if pl == layer_idx]:
+            rows_h, rows_o, rows_r = [], [], []
+            for b in range(B):
+                kept = set(record.kept[b][point_idx].tolist())
+                keep = [j for j in range(h.shape[1]) if m[b, j] and
+                        (int(origin[b, j]) not in vis_sets[b] or int(origin[b, j]) in kept)]
+                vis_sets[b] = kept
+                keep = torch.tensor(keep)
+                rows_h.append(h[b, keep])
+                rows_o.append(origin[b, keep])
+                rows_r.append(rot[:, b, keep] if rot.dim() == 3 else rot[b, keep])
+            Lp = max(r.shape[0] for r in rows_h)
+            h2 = h.new_zeros(B, Lp, h.shape[-1])
+            m = mask.new_zeros(B, Lp)
+            o2 = torch.full((B, Lp), -1)
+            r2 = rot.new_zeros((3, B, Lp) if rot.dim() == 3 else (B, Lp))
+            for b in range(B):
+                n = rows_h[b].shape[0]
+                h2[b, Lp - n:] = rows_h[b]
+                m[b, Lp - n:] = 1
+                o2[b, Lp - n:] = rows_o[b]
+                if rot.dim() == 3:
+                    r2[:, b, Lp - n:] = rows_r[b]
+                else:
+                    r2[b, Lp - n:] = rows_r[b]
+            h, origin = h2, o2
+            text = full_positions_1d(m)
+            rot = r2 if (positions == "preserve" or rot.dim() == 3) else text
+            if rot.dim() == 2:
+                text = rot
+    return model.lm_head(lm.norm(h))[:, -1]
+
+
+def extend(rot, text, mask, n):
+    """Append ``n`` decode positions (last + 1, per axis) and mask columns."""
+    for _ in range(n):
+        rot = torch.cat([rot, rot[..., -1:] + 1], -1)
+        text = torch.cat([text, text[..., -1:] + 1], -1) if text is not None else None
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
+    return rot, text, mask
+
+
+def check_against_reference(model, arch, kw, name, options, retain, positions=None):
+    mrope = arch != "llava-onevision"
+    seen = capture_lm_inputs(model, kw)
+    emb = seen["inputs_embeds"]
+    mask = kw["attention_mask"]
+    rot = seen["position_ids"] if mrope else full_positions_1d(mask)
+    text = full_positions_1d(mask)
+    visual = visual_positions(arch, kw["input_ids"])
+    with visiontrim.compress(model, name, retain=retain, positions=positions, **options) as handle:
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        st = visiontrim.stats(model)
+        state = handle.state
+        session = state.session
+    record = st.inllm
+    L = kw["input_ids"].shape[1]
+    new = out.sequences[:, L:]
+    lm = model.model.language_model
+    for t in range(N_NEW):
+        e = torch.cat([emb, lm.embed_tokens(new[:, :t])], 1)
+        r, tx, m = extend(rot, text if mrope else None, mask, t)
+        if not mrope:
+            tx = r
+        want = reference_logits(model, e, m, r, tx, visual, record, handle.positions, L,
+                                dp=state.dp, dp_hist=session.dp_history[:t] if session is not None else None)
+        torch.testing.assert_close(out.logits[t], want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(new[:, t], want.argmax(-1))
+    return st, handle
+
+
+IN_LLM = {
+    "fastv": ("fastv", {"layer": 2}, 0.8),
+    "fastv-keep-mean-text": ("fastv", {"layer": 1, "equivalent": "keep", "query": "mean_text"}, 0.3),
+    "pdrop": ("pdrop", {}, 0.6),
+    "pdrop-ratios-fca": ("pdrop", {"layers": (1, 3), "ratios": (0.5, 0.25), "budget": "fca"}, 0.5),
+}
+
+
+@pytest.mark.parametrize("method", list(IN_LLM))
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inllm_matches_layer_by_layer_reference(models, arch, attn, batch, method):
+    model = models(arch, attn)
+    name, options, retain = IN_LLM[method]
+    kw = make_batch(model, arch, samples_for(arch, batch))
+    st, handle = check_against_reference(model, arch, kw, name, options, retain)
+    assert st.inllm is not None
+    v_out = st.inllm.v_out[0]
+    assert v_out[-1] < v_out[0] or v_out[-1] < st.inllm.v_in[0][0]  # something was pruned
+
+
+@pytest.mark.parametrize("positions", ["preserve", "compact"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_position_modes_on_1d_models(models, name, positions):
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    _, opts, retain = IN_LLM[name]
+    _, handle = check_against_reference(model, "llava-onevision", kw, name, opts, retain, positions=positions)
+    assert handle.positions == positions
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_full_retain_is_token_identical(models, arch, name):
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+    opts = {"layer": 1, "equivalent": "keep"} if name == "fastv" else {"equivalent": "keep"}
+    with visiontrim.compress(model, name, retain=1.0, **opts):
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dycoke_decode_stage_matches_reference(models, arch):
+    model = models(arch, "sdpa")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    # retain=1.0: TTM keeps everything, so only the decode-time stage acts
+    st, handle = check_against_reference(model, arch, kw, "dycoke",
+                                         {"dp": True, "dp_layer": 2, "dp_prune": 0.6}, 1.0)
+    session = handle.state.session
+    assert session is None  # restored on exit
+    assert st.inllm is not None
+
+
+def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
+    base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0) as h:
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+        assert h.state.session.dp_pruned_steps == 0
+    assert torch.equal(out, base)  # never re-selects: attends to everything, as without stage 2
+    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2) as h:
+        model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+        hist = h.state.session.dp_history
+        assert h.state.session.dp_pruned_steps >= 1
+        first = hist[0][0]
+        assert first is not None and first.numel() == int((1 - 0.7) * 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_row_attention_equals_rows_of_the_full_eager_matrix(models, arch):
+    """Invariant 7's building block: the captured rows are the full softmax rows (RoPE / M-RoPE)."""
+    model = models(arch, "eager")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    lm = model.model.language_model
+    seen = capture_lm_inputs(model, kw)
+    with torch.no_grad():
+        full = model(**kw, output_attentions=True).attentions  # eager: [B, H, L, L] per layer
+    mask = kw["attention_mask"]
+    mrope = arch != "llava-onevision"
+    pos = seen["position_ids"] if mrope else full_positions_1d(mask)
+    text = full_positions_1d(mask)
+    h = seen["inputs_embeds"]
+    B, L = mask.shape
+    rows = [torch.tensor([L - 1, L - 3, L - 6 - b]) for b in range(B)]
+    from visiontrim.runtime.inllm import _mask_for
+
+    with torch.no_grad():
+        for idx, layer in enumerate(lm.layers):
+            pe = lm.rotary_emb(h, pos)
+            m4 = _mask_for(lm, "full_attention", h, mask, None, idx)
+            cap = _Capture(base="", rows=rows, allowed=[allowed_rows(mask[b], rows[b], 0) for b in range(B)])
+            h = call_capturing(layer.self_attn, cap, lambda: layer(h, attention_mask=m4, position_embeddings=pe,
+                                                                   position_ids=None if mrope else text))
+            for b in range(B):
+                want = full[idx][b][:, rows[b]].float()
+                torch.testing.assert_close(cap.result[b], want, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_runs_never_build_a_full_attention_matrix(models, monkeypatch):
+    """With SDPA, no eager (full-matrix) attention function is ever called."""
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as q
+
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
+
+    def forbidden(*a, **k):
+        raise AssertionError("eager attention called")
+
+    monkeypatch.setattr(q, "eager_attention_forward", forbidden)
+    with visiontrim.compress(model, "pdrop", retain=0.6):
+        model.generate(**kw, max_new_tokens=2, do_sample=False)
+    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+        model.generate(**kw, max_new_tokens=2, do_sample=False)
+
+
+def test_stats_report_equivalent_tokens_and_flops(models):
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+        model.generate(**kw, max_new_tokens=2, do_sample=False)
+        st = visiontrim.stats(model)
+    d = st.as_dict()["samples"][1]
+    V0 = d["visual_per_layer_in"][0]
+    k = d["visual_per_layer_in"][-1]
+    assert d["visual_per_layer_in"] == [V0, V0, k, k]
+    assert d["visual_per_layer_out"] == [V0, k, k, k]
+    assert d["equivalent_tokens"]["E_in"] == pytest.approx((2 * V0 + 2 * k) / 4)
+    assert d["equivalent_tokens"]["E_out"] == pytest.approx((V0 + 3 * k) / 4)
+    assert abs(d["equivalent_tokens"]["E_in"] - 0.8 * V0) <= 1.0  # retain is E_in by default
+    assert 0 < d["prefill_flops"]["pruned"] < d["prefill_flops"]["unpruned"]
+    assert st.tokens_after == sum(v[-1] for v in st.inllm.v_out)
+
+
+def test_select_top_with_frame_budgets():
+    score = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 9.0, 8.0])
+    frame = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    assert select_top(score, 3).tolist() == [0, 6, 7]
+    w = torch.tensor([0.6, 0.2, 0.2])
+    keep = select_top(score, 5, frame, w)
+    assert keep.tolist() == [0, 1, 2, 4, 6]  # 3 from frame 0, 1 each from frames 1 and 2
+
+
+def test_plans_and_errors():
+    assert FastV(layer=2).plan(100, 28, 0.25)[0] == FastV(layer=2).plan(100, 28, 0.25)[0]
+    p = FastV(layer=2).plan(1000, 28, 0.25)[0]
+    assert p.layer == 1 and abs((2 * 1000 + 26 * p.keep) / 28 - 250) <= 1
+    assert FastV(layer=2, equivalent="keep").plan(1000, 28, 0.25)[0].keep == 250
+    with pytest.raises(visiontrim.InputError, match="below what pruning at layer K=2"):
+        FastV(layer=2).plan(1000, 28, 0.05)
+    plan = PDrop(ratios=(0.5, 0.25, 0.125)).plan(576, 32, 0.5)
+    assert [(p.layer, p.keep, p.source) for p in plan] == [(7, 288, "next"), (15, 144, "next"), (23, 72, "next")]
+    plan = PDrop().plan(576, 32, 0.3)
+    e_in = (8 * 576 + 8 * plan[0].keep + 8 * plan[1].keep + 8 * plan[2].keep) / 32
+    assert abs(e_in - 0.3 * 576) < 8
+    with pytest.raises(visiontrim.InputError, match="strictly increasing"):
+        PDrop(layers=(8, 8))
+    assert DyCokeDP().keep_count(100) == 30
+
+
+def test_bad_in_llm_options_fail_before_anything_changes(models):
+    model = models("qwen2-vl", "sdpa")
+    with pytest.raises(visiontrim.InputError, match="past the language model's depth"):
+        visiontrim.compress(model, "fastv", retain=0.5, layer=9)
+    with pytest.raises(visiontrim.InputError, match="past the language model's depth"):
+        visiontrim.compress(model, "dycoke", retain=0.5, dp=True, dp_layer=4)
+    with pytest.raises(visiontrim.InputError, match="below what pruning"):
+        visiontrim.compress(model, "fastv", retain=0.2, layer=2)
+    with pytest.raises(visiontrim.InputError, match="compact.*not defined .*M-RoPE"):
+        visiontrim.compress(model, "pdrop", retain=0.6, positions="compact")
+    with pytest.raises(visiontrim.InputError, match="retain must be"):
+        visiontrim.compress(model, "pdrop", retain=0)
+    assert not visiontrim.is_compressed(model)
+    assert "forward" not in model.model.language_model.__dict__
