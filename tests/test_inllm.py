@@ -102,11 +102,23 @@ def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_p
                 kept = set(record.kept[b][point_idx].tolist())
                 keep = [j for j in range(h.shape[1]) if m[b, j] and
                         (int(origin[b, j]) not in vis_sets[b] or int(origin[b, j]) in kept)]
-                vis_sets[b] = kept
                 keep = torch.tensor(keep)
-                rows_h.append(h[b, keep])
-                rows_o.append(origin[b, keep])
-                rows_r.append(rot[:, b, keep] if rot.dim() == 3 else rot[b, keep])
+                hb, ob = h[b, keep], origin[b, keep]
+                rb = rot[:, b, keep] if rot.dim() == 3 else rot[b, keep]
+                recycled = record.recycled[b][point_idx]
+                if recycled is not None:  # merged tokens go right after the last kept visual token
+                    centres, feats = recycled
+                    at = max(i for i, o in enumerate(ob.tolist()) if o in kept) + 1
+                    cidx = torch.tensor([int((origin[b] == c).nonzero()) for c in centres.tolist()])
+                    cpos = rot[:, b, cidx] if rot.dim() == 3 else rot[b, cidx]
+                    hb = torch.cat([hb[:at], feats.to(hb.dtype), hb[at:]])
+                    ob = torch.cat([ob[:at], centres, ob[at:]])
+                    rb = torch.cat([rb[..., :at], cpos, rb[..., at:]], -1)
+                    kept |= set(centres.tolist())
+                vis_sets[b] = kept
+                rows_h.append(hb)
+                rows_o.append(ob)
+                rows_r.append(rb)
             Lp = max(r.shape[0] for r in rows_h)
             h2 = h.new_zeros(B, Lp, h.shape[-1])
             m = mask.new_zeros(B, Lp)
@@ -173,6 +185,10 @@ IN_LLM = {
     "fastv-keep-mean-text": ("fastv", {"layer": 1, "equivalent": "keep", "query": "mean_text"}, 0.3),
     "pdrop": ("pdrop", {}, 0.6),
     "pdrop-ratios-fca": ("pdrop", {"layers": (1, 3), "ratios": (0.5, 0.25), "budget": "fca"}, 0.5),
+    "sparsevlm": ("sparsevlm", {"pruning_layers": (1, 2)}, 0.6),
+    "sparsevlm-v2": ("sparsevlm", {"variant": "v2", "pruning_layers": (1, 2), "priority_heads": 2}, 0.6),
+    "sparsevlm-rank-fca": ("sparsevlm", {"pruning_layers": (0, 2), "budget": "rank", "lam": 0.5,
+                                         "frame_budget": "fca"}, 0.6),
 }
 
 

@@ -246,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out exists and is not a directory: {out}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model, processor = load_for_bench(args.model)
     examples = [synthvid.make_example(s) for s in synthvid.heldout_seeds(args.n, args.seed)]
     configs = [("none", 1.0)] + [(m, r) for m in methods for r in retains]

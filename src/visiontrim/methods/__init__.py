@@ -22,6 +22,7 @@ from .budget import (
     uniform_budget,
 )
 from .dycoke import DyCoke
+from .sparsevlm import SparseVLM
 from .inllm import DyCokeDP, FastV, PDrop, PrunePoint, SampleLayout, select_top
 from .lftr import LFTR
 from .vidcom2 import VidCom2
@@ -155,6 +156,20 @@ register(
     )
 )
 
+register(
+    MethodSpec(
+        name="sparsevlm",
+        stage="in-llm",
+        summary="SparseVLM: text raters rank visual tokens at layers 2/6/15 by their own attention; pruned ones recycled",
+        factory=SparseVLM,
+        needs_text=True,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(SparseVLM),
+        reference="Zhang et al., ICML 2025 (arXiv 2410.04417); SparseVLM+ as variant='v2'",
+    )
+)
+
 __all__ = [
     "MethodSpec",
     "SegmentContext",
@@ -179,6 +194,7 @@ __all__ = [
     "VisionZip",
     "DyCoke",
     "DyCokeDP",
+    "SparseVLM",
     "FastV",
     "PDrop",
     "PrunePoint",

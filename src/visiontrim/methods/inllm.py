@@ -59,6 +59,22 @@ class SampleLayout:
     text: torch.Tensor
     last: int
     frame: torch.Tensor
+    #: filled at a prune point for methods that need them (e.g. SparseVLM+'s RoPE correction):
+    #: the rotary positions of the sequence (``[L]`` or ``[3, L]``), the query rows scored,
+    #: and the rotary constants of the model
+    positions: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    head_dim: int = 0
+    rope_theta: float = 10000.0
+    mrope_section: list[int] | None = None
+
+
+def uses_fca(method: object) -> bool:
+    """Whether an in-LLM method spreads its keep counts over frames with FCA weights."""
+    flag = getattr(method, "uses_fca", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(method, "budget", "uniform") == "fca"
 
 
 def head_mean_rows(attn: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:

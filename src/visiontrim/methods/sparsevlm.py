@@ -888,3 +888,111 @@ class SparseVLMOptions:
 
 def _shape(x: object) -> object:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+@dataclass
+class SparseVLM(SparseVLMOptions):
+    """SparseVLM as an in-LLM method of the runtime (§2): text raters chosen once from the
+    layer-0 embeddings judge the visual tokens through each pruning layer's own attention;
+    the pruning layer's output keeps the top tokens, and recycled (clustered) tokens are
+    inserted right after the kept visual tokens.
+
+    ``budget="ratio"`` (the default here) spreads ``retain`` over the pruning layers with the
+    v1.5 shape (§3.3) so that the ``equivalent`` count is ``retain·V0``; ``"schedule"`` uses the
+    published absolute tables (LLaVA-1.5's 576 tokens, ``target``); ``"rank"`` decides each keep
+    count from the rank of the rater attention (§3.2). ``frame_budget="fca"`` spreads each
+    keep count over frames with VidCom2's FCA weights (recycled tokens stay outside the split).
+    """
+
+    budget: str | None = field(default="ratio", metadata={"help": "'ratio' (from retain), 'schedule' (tables) or 'rank'"})
+    equivalent: str = field(default="input", metadata={"help": "retain means E_in ('input') or E_out ('output')"})
+    frame_budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+
+    stage = "in-llm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_choice("sparsevlm option equivalent", self.equivalent, ("input", "output"))
+        validate_choice("sparsevlm option frame_budget", self.frame_budget, ("uniform", "fca"))
+
+    @property
+    def uses_fca(self) -> bool:
+        return self.frame_budget == "fca"
+
+    def default_positions_for(self, style: str) -> str:
+        return "preserve" if style == "mrope" else str(self.positions)
+
+    def check_depth(self, num_layers: int) -> None:
+        for layer in self.pruning_layers or ():
+            _check_layer(layer, num_layers)
+
+    def plan(self, num_visual: int, num_layers: int, retain: float | None = None) -> list:  # type: ignore[override]
+        """Prune points ``[PrunePoint(layer, keep, "self")]`` for ``V0`` visual tokens."""
+        from .inllm import PrunePoint
+
+        self.check_depth(num_layers)
+        if self.budget == "rank":
+            return [PrunePoint(layer, num_visual, "self") for layer in self.pruning_layers or ()]
+        if self.budget == "ratio":
+            if retain is None:
+                raise InputError("budget='ratio' needs a retain ratio")
+            layers = tuple(self.pruning_layers or PRUNING_LAYERS)
+            sched = ratio_schedule(retain, num_visual, num_layers, layers=layers, variant=self.variant,
+                                   shape=self.shape_for(len(layers)), recycle=bool(self.recycle),
+                                   equivalent=self.equivalent, tau=self.recycle_tau, theta=self.recycle_theta)
+        else:
+            sched = schedule_for("v1.5" if self.variant == "v1.0" else self.variant, self.target,
+                                 self.pruning_layers or PRUNING_LAYERS)
+        sched = check_schedule(sched, num_visual, num_layers)
+        return [PrunePoint(layer, keep, "self") for layer, keep in sorted(sched.items())]
+
+    def shape_for(self, n: int) -> tuple[float, ...]:
+        """Keep fractions of ``V0`` per pruning layer for the ratio budget: the variant's 192-token
+        table over 576 (three layers); other layer counts interpolate it linearly by stage."""
+        base = [keep / REFERENCE_V0 for keep in SCHEDULES["v1.5" if self.variant == "v1.0" else self.variant][192]]
+        if n == len(base):
+            return tuple(base)
+        if n == 1:
+            return (base[0],)
+        out = []
+        for i in range(n):
+            x = i * (len(base) - 1) / (n - 1)
+            lo = min(int(math.floor(x)), len(base) - 2)
+            out.append(base[lo] + (base[lo + 1] - base[lo]) * (x - lo))
+        return tuple(out)
+
+    def prepare_sample(self, h_visual: torch.Tensor, h_text: torch.Tensor) -> torch.Tensor:
+        """Rater indices (relative to the text after the visual tokens), once per prefill."""
+        return select_raters(h_visual, h_text)
+
+    def rows_with_state(self, layout: object, raters: torch.Tensor | None) -> torch.Tensor:
+        text = layout.text  # type: ignore[attr-defined]
+        if raters is None or raters.numel() == 0:
+            return text
+        raters = raters.to(text.device)
+        return text[raters[raters < text.numel()]]
+
+    def score(self, attn: torch.Tensor, layout: object, point: object) -> torch.Tensor:
+        visual = layout.visual  # type: ignore[attr-defined]
+        gravity = None
+        if self.gravity_correction:
+            pos = layout.positions  # type: ignore[attr-defined]
+            rows = layout.rows  # type: ignore[attr-defined]
+            head_dim = layout.head_dim  # type: ignore[attr-defined]
+            row_pos, col_pos = (pos[..., rows], pos[..., visual])
+            gravity = rope_gravity(row_pos, col_pos, head_dim, theta=layout.rope_theta,  # type: ignore[attr-defined]
+                                   mrope_section=layout.mrope_section)  # type: ignore[attr-defined]
+        return significance(attn, visual, heads=self.priority_heads, gravity=gravity, gravity_floor=self.gravity_floor)
+
+    def dynamic_keep(self, attn: torch.Tensor, layout: object) -> int | None:
+        """Rank budget: the keep count from the rater attention ``P``; ``None`` for fixed budgets."""
+        if self.budget != "rank":
+            return None
+        P = attn.float().mean(0)[:, layout.visual]  # type: ignore[attr-defined]
+        return self.keep_count(P)
+
+    def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.recycle:
+            return None
+        return recycle(hidden, scores, tau=self.recycle_tau, theta=self.recycle_theta, merge=self.recycle_merge,
+                       seed=self.seed)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..methods.inllm import PrunePoint, SampleLayout, select_top
+from ..methods.inllm import PrunePoint, SampleLayout, select_top, uses_fca
 
 ROWS_IMPL = "visiontrim_rows"
 _CAPTURE: contextvars.ContextVar["_Capture | None"] = contextvars.ContextVar("visiontrim_capture", default=None)
@@ -269,6 +269,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
     num_layers = len(lm.layers)
     kinds = _layer_types(lm)
     B = h.shape[0]
+    state.lm_config = lm.config
     pending = _expand(pending, B)
     layouts = list(pending.layouts)
     V0 = [int(lay.visual.numel()) for lay in layouts]
@@ -339,6 +340,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
             attn = [cap.result[b] if points[b] is not None else None for b in range(B)]
             t_score += (time.perf_counter() - start) * 1000.0
         h = h_out
+        state.rows_used = rows_req
         if any(p is not None for p in points):
             start = time.perf_counter()
             h, mask, position_ids, layouts, origin = _prune(
@@ -367,6 +369,16 @@ def _rows_for(method: Any, layout: SampleLayout, prepared_state: Any, b: int) ->
     return method.rows(layout)
 
 
+def _rope_info(config: Any) -> tuple[int, float, list[int] | None]:
+    """(head_dim, rope theta, M-RoPE sections) of a language model config."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)) or 10000.0)
+    section = params.get("mrope_section")
+    return head_dim, theta, list(section) if section else None
+
+
 def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
            layouts: list[SampleLayout], origin: list[torch.Tensor], points: list[PrunePoint | None],
            attn: list[torch.Tensor | None], frame_weights: list[torch.Tensor | None], record: InLLMRecord,
@@ -377,7 +389,7 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
     rotary, text_pos = _split_positions(position_ids)
     mrope = rotary.dim() == 3
     rows_h, rows_pos, rows_origin, new_layouts = [], [], [], []
-    fca = getattr(method, "budget", "uniform") == "fca"
+    fca = uses_fca(method)
     for b in range(B):
         lay = layouts[b]
         valid = mask[b].bool()
@@ -387,8 +399,17 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             merged = None
             keep_vis = lay.visual
         else:
+            rope = _rope_info(state.lm_config)
+            lay.positions = rotary[:, b] if mrope else rotary[b]
+            lay.rows = state.rows_used[b]
+            lay.head_dim, lay.rope_theta, lay.mrope_section = rope
             score = method.score(attn[b], lay, p)
             k = min(p.keep, lay.visual.numel())
+            dynamic = getattr(method, "dynamic_keep", None)
+            if dynamic is not None:
+                adaptive = dynamic(attn[b], lay)
+                if adaptive is not None:
+                    k = min(int(adaptive), lay.visual.numel())
             local = select_top(score, k, lay.frame if fca else None, frame_weights[b] if fca else None)
             keep_vis = lay.visual[local]
             drop = torch.ones(lay.visual.numel(), dtype=torch.bool, device=h.device)
@@ -398,7 +419,7 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             idx = keep_mask.nonzero(as_tuple=True)[0]
             merged = None
             recycle = getattr(method, "recycle_tokens", None)
-            if recycle is not None and bool(drop.any()):
+            if recycle is not None and bool(drop.any()) and k < lay.visual.numel():
                 merged = recycle(h[b, lay.visual[drop]], score[drop])  # (features [c, D], centre [c] into dropped)
                 if merged is not None and merged[0].shape[0] == 0:
                     merged = None
@@ -428,6 +449,8 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             new_visual_flags = flags
         if p is not None:
             record.kept[b].append(origin[b][keep_vis])
+            if merged is None:
+                record.recycled[b].append(None)
         n = seq_h.shape[0]
         rows_h.append(seq_h)
         rows_pos.append(seq_pos)

@@ -25,7 +25,7 @@ import torch
 from ..errors import InputError
 from ..methods.base import MethodSpec, Selection, Selector
 from ..methods.budget import fca_budget
-from ..methods.inllm import SampleLayout
+from ..methods.inllm import SampleLayout, uses_fca
 from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
 from .inllm import Pending, make_lm_forward
@@ -57,6 +57,8 @@ class TrimState:
     pending: Any = None
     session: Any = None
     inllm_record: Any = None
+    rows_used: Any = None
+    lm_config: Any = None
 
     @property
     def uses_lm_loop(self) -> bool:
@@ -83,6 +85,8 @@ def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _needs(state: TrimState) -> tuple[bool, bool]:
+    if state.selector is None:  # in-LLM methods read what they need inside the model
+        return False, False
     text = bool(getattr(state.selector, "needs_text", state.spec.needs_text))
     attention = bool(getattr(state.selector, "needs_encoder_attention", state.spec.needs_encoder_attention))
     return text, attention
@@ -293,7 +297,7 @@ class KeepAll:
 def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> Pending:
     """Where the visual tokens sit in the sequence the language model receives, per sample."""
     B, Lp = trimmed.attention_mask.shape
-    fca = getattr(state.inllm, "budget", "uniform") == "fca"
+    fca = uses_fca(state.inllm) if state.inllm is not None else False
     layouts, weights = [], []
     for b in range(B):
         keep = trimmed.keep[b]

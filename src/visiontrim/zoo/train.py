@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the embedded tiny LLaVA-OneVision on synthetic video QA (CPU, from scratch).",
     )
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=150, help="linear warm-up steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--aux-weight", type=float, default=0.5,
                         help="weight of the per-token probe loss (default: %(default)s)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     parser.add_argument("--eval-n", type=int, default=200,
                         help="held-out questions answered with generate at the end (0: skip; default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Measuring methods: ``visiontrim bench quality`` (accuracy on synthetic video QA) and ``speed``."""
