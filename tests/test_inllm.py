@@ -79,7 +79,7 @@ def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_p
     B, L = mask.shape
     h, m = emb, mask
     origin = torch.arange(L).expand(B, L).clone()
-    vis_sets = [set(v.tolist()) for v in visual]
+    vis_sets = [v.clone() for v in visual]
     point_layers = [p[0] for p in record.points]
     for layer_idx, layer in enumerate(lm.layers):
         hide = None
@@ -91,7 +91,7 @@ def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_p
                     if keeps[b] is None:
                         continue
                     row = int((origin[b] == n_prompt + s).nonzero())
-                    vis_here = torch.tensor([j for j in range(h.shape[1]) if int(origin[b, j]) in vis_sets[b]])
+                    vis_here = torch.isin(origin[b], vis_sets[b]).nonzero(as_tuple=True)[0]
                     rows[row] = vis_here[~torch.isin(origin[b, vis_here], keeps[b])]
                 hide.append(rows)
         pe = lm.rotary_emb(h, rot)
@@ -99,22 +99,21 @@ def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_p
         for point_idx in [i for i, pl in enumerate(point_layers) if pl == layer_idx]:
             rows_h, rows_o, rows_r = [], [], []
             for b in range(B):
-                kept = set(record.kept[b][point_idx].tolist())
-                keep = [j for j in range(h.shape[1]) if m[b, j] and
-                        (int(origin[b, j]) not in vis_sets[b] or int(origin[b, j]) in kept)]
-                keep = torch.tensor(keep)
+                kept = record.kept[b][point_idx]
+                is_vis = torch.isin(origin[b], vis_sets[b])
+                keep = (m[b].bool() & (~is_vis | torch.isin(origin[b], kept))).nonzero(as_tuple=True)[0]
                 hb, ob = h[b, keep], origin[b, keep]
                 rb = rot[:, b, keep] if rot.dim() == 3 else rot[b, keep]
                 recycled = record.recycled[b][point_idx]
                 if recycled is not None:  # merged tokens go right after the last kept visual token
                     centres, feats = recycled
-                    at = max(i for i, o in enumerate(ob.tolist()) if o in kept) + 1
+                    at = int(torch.isin(ob, kept).nonzero().max()) + 1
                     cidx = torch.tensor([int((origin[b] == c).nonzero()) for c in centres.tolist()])
                     cpos = rot[:, b, cidx] if rot.dim() == 3 else rot[b, cidx]
                     hb = torch.cat([hb[:at], feats.to(hb.dtype), hb[at:]])
                     ob = torch.cat([ob[:at], centres, ob[at:]])
                     rb = torch.cat([rb[..., :at], cpos, rb[..., at:]], -1)
-                    kept |= set(centres.tolist())
+                    kept = torch.cat([kept, centres])
                 vis_sets[b] = kept
                 rows_h.append(hb)
                 rows_o.append(ob)
