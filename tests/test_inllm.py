@@ -360,3 +360,30 @@ def test_bad_in_llm_options_fail_before_anything_changes(models):
         visiontrim.compress(model, "pdrop", retain=0)
     assert not visiontrim.is_compressed(model)
     assert "forward" not in model.model.language_model.__dict__
+
+
+@pytest.mark.parametrize("variant,target,e_out", [("v1.5", 192, 192.03125), ("v1.5", 128, 128.625),
+                                                  ("v1.5", 64, 64.8125), ("v2", 192, 192.4375)])
+def test_sparsevlm_reference_schedules_on_a_576_token_image(variant, target, e_out):
+    """The published schedules through the runtime: a 32-layer model, one 24×24-token image."""
+    model = build("qwen2-vl", "sdpa", layers=32)
+    kw = make_batch(model, "qwen2-vl", [[("image", (48, 48))]])
+    assert int((kw["input_ids"] == IMAGE).sum()) == 576
+    with visiontrim.compress(model, "sparsevlm", retain=0.5, variant=variant, budget="schedule", target=target):
+        model(**kw)
+        st = visiontrim.stats(model)
+    eq = st.equivalent_tokens(0)
+    assert eq["E_out"] == pytest.approx(e_out)
+    if (variant, target) == ("v1.5", 192):
+        assert eq["E_in"] == pytest.approx(206.5)
+        assert [len(r[1]) for r in st.inllm.recycled[0]] == [9, 4, 3]
+        v_out = st.inllm.v_out[0]
+        assert v_out[:3] == [576, 576, 309] and v_out[6] == 204 and v_out[15] == 113
+
+
+def test_sparsevlm_schedule_longer_than_the_sequence_is_a_clear_error(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", [[("video", None)]])
+    with visiontrim.compress(model, "sparsevlm", retain=0.5, budget="schedule", pruning_layers=(1, 2, 3)):
+        with pytest.raises(visiontrim.InputError, match="longer than the sequence|has only"):
+            model(**kw)
