@@ -94,6 +94,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         "temporal_ratio": args.temporal_rate,
         "spatial_ratio": args.spatial_rate,
     }
+    if args.method == "sparsevlm" and named["budget"] is not None:  # its own 'budget' is the keep schedule
+        named["frame_budget"] = named.pop("budget")
     options.update({k: v for k, v in named.items() if v is not None})
     return options
 
