@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--retain", type=lambda t: _floats(t, "retain"), default=[0.25],
                         help="comma-separated retain ratios in (0, 1] (default 0.25)")
+    parser.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method option, e.g. -o pdrop.equivalent=output (repeatable; VALUE read as JSON if it parses)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (default 3)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens decoded per run (default 16)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -96,6 +98,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
+def _method_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not method or not key:
+            raise InputError(f"--option expects METHOD.KEY=VALUE, got {item!r}")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        out.setdefault(method.strip(), {})[key.strip()] = parsed
+    return out
+
+
 def _validate(args: argparse.Namespace) -> None:
     if args.arch is None and args.model is None:
         raise InputError("bench speed needs --arch NAME (built-in shape) or --model PATH")
@@ -105,8 +124,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError("--repeats and --new-tokens must be >= 1")
     import visiontrim
 
+    options = _method_options(args.option)
     for name in [m for m in args.methods.split(",") if m.strip()]:
-        visiontrim.methods.get(name.strip())
+        visiontrim.methods.get(name.strip()).create(**options.get(name.strip(), {}))
+    for name in options:
+        visiontrim.methods.get(name)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available")
 
@@ -260,6 +282,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = _method_options(args.option)
     base = dict(arch=args.arch, model=args.model, dtype=args.dtype, device=args.device, attn=args.attn,
                 threads=args.threads, vision_layers=args.vision_layers, warmup=args.warmup,
                 new_tokens=args.new_tokens)
@@ -268,7 +291,7 @@ def _configs(args: argparse.Namespace) -> list[dict[str, Any]]:
         out.append(dict(base, frames=frames, method="none", retain=1.0))
         for method in methods:
             for retain in args.retain:
-                out.append(dict(base, frames=frames, method=method, retain=retain))
+                out.append(dict(base, frames=frames, method=method, retain=retain, options=options.get(method, {})))
     return out
 
 
@@ -291,7 +314,8 @@ def aggregate(configs: list[dict[str, Any]], runs: list[list[dict[str, Any]]]) -
     rows = []
     for cfg, results in zip(configs, runs):
         ok = [r for r in results if "error" not in r]
-        row: dict[str, Any] = {"method": cfg["method"], "retain": cfg["retain"], "frames": cfg["frames"]}
+        row: dict[str, Any] = {"method": cfg["method"], "retain": cfg["retain"], "frames": cfg["frames"],
+                               "options": cfg.get("options", {})}
         if not ok:
             row["error"] = results[0].get("error", "failed") if results else "not run"
             rows.append(row)
