@@ -162,7 +162,6 @@ def check_against_reference(model, arch, kw, name, options, retain, positions=No
                              output_logits=True)
         st = visiontrim.stats(model)
         state = handle.state
-        session = state.session
     record = st.inllm
     L = kw["input_ids"].shape[1]
     new = out.sequences[:, L:]
@@ -173,7 +172,7 @@ def check_against_reference(model, arch, kw, name, options, retain, positions=No
         if not mrope:
             tx = r
         want = reference_logits(model, e, m, r, tx, visual, record, handle.positions, L,
-                                dp=state.dp, dp_hist=session.dp_history[:t] if session is not None else None)
+                                dp=state.dp, dp_hist=record.dp_history[:t])
         torch.testing.assert_close(out.logits[t], want, rtol=1e-4, atol=1e-4)
         assert torch.equal(new[:, t], want.argmax(-1))
     return st, handle
@@ -234,9 +233,8 @@ def test_dycoke_decode_stage_matches_reference(models, arch):
     # retain=1.0: TTM keeps everything, so only the decode-time stage acts
     st, handle = check_against_reference(model, arch, kw, "dycoke",
                                          {"dp": True, "dp_layer": 2, "dp_prune": 0.6}, 1.0)
-    session = handle.state.session
-    assert session is None  # restored on exit
-    assert st.inllm is not None
+    assert handle.state.session is None  # the generation's KV cache is not kept alive
+    assert st.inllm.dp_steps == N_NEW - 1
 
 
 def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
@@ -245,12 +243,12 @@ def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
     base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
     with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0) as h:
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-        assert h.state.session.dp_pruned_steps == 0
+        assert visiontrim.stats(model).inllm.dp_pruned_steps == 0
     assert torch.equal(out, base)  # never re-selects: attends to everything, as without stage 2
     with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2) as h:
         model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-        hist = h.state.session.dp_history
-        assert h.state.session.dp_pruned_steps >= 1
+        hist = visiontrim.stats(model).inllm.dp_history
+        assert visiontrim.stats(model).inllm.dp_pruned_steps >= 1
         first = hist[0][0]
         assert first is not None and first.numel() == int((1 - 0.7) * 32)
 
@@ -387,3 +385,76 @@ def test_sparsevlm_schedule_longer_than_the_sequence_is_a_clear_error(models):
     with visiontrim.compress(model, "sparsevlm", retain=0.5, budget="schedule", pruning_layers=(1, 2, 3)):
         with pytest.raises(visiontrim.InputError, match="longer than the sequence|has only"):
             model(**kw)
+
+
+def test_generation_defaults_and_prompt_aware_processors_match_the_unpatched_model(models):
+    """No length given (transformers' default), repetition penalty (it reads the prompt ids)."""
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
+    for extra in ({}, {"repetition_penalty": 1.5}, {"max_length": kw["input_ids"].shape[1] + 3}):
+        base = model.generate(**kw, do_sample=False, **extra)
+        for name, opts in (("vidcom2", {}), ("fastv", {"layer": 1, "equivalent": "keep"})):
+            with visiontrim.compress(model, name, retain=1.0, **opts):
+                out = model.generate(**kw, do_sample=False, **extra)
+            assert torch.equal(out, base), (extra, name)
+
+
+def test_a_failed_call_leaves_nothing_pending(models):
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    text = torch.randint(2, 100, (1, 30))
+    with torch.no_grad():
+        base = model(input_ids=text).logits
+    with visiontrim.compress(model, "fastv", retain=0.8, layer=2) as h:
+        with pytest.raises(Exception):
+            model.generate(**kw, max_new_tokens=2, bogus_argument=1)
+        assert h.state.pending is None and h.state.session is None
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=text).logits, base)
+        with pytest.raises(visiontrim.InputError, match="labels are not supported"):
+            model(**kw, labels=kw["input_ids"])
+        model.generate(**kw, max_new_tokens=2)
+        assert h.state.session is None  # the KV cache is not kept alive after generate
+
+
+def test_unsupported_generation_settings_are_clear_errors(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 1))
+    with visiontrim.compress(model, "pdrop", retain=0.6):
+        with pytest.raises(visiontrim.InputError, match="dynamic KV cache"):
+            model.generate(**kw, max_new_tokens=2, cache_implementation="static")
+        with pytest.raises(visiontrim.InputError, match="prefill_chunk_size"):
+            model.generate(**kw, max_new_tokens=2, prefill_chunk_size=8)
+    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
+        with pytest.raises(visiontrim.InputError, match="beam search"):
+            model.generate(**kw, max_new_tokens=2, num_beams=2)
+
+
+def test_a_text_only_sample_in_the_batch(models):
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", [[], [("video", None)], [("video", None)]])
+    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+        model.generate(**kw, max_new_tokens=2)
+        st = visiontrim.stats(model)
+    assert st.inllm.points == [(1, "self")]
+    assert st.inllm.v_in[0] == [0, 0, 0, 0] and st.inllm.v_in[1][0] > st.inllm.v_in[1][-1]
+
+
+def test_kernels_that_read_the_module_config_see_the_real_one(models, monkeypatch):
+    """FlashAttention reads module.config itself; the row capture must not show it its own name."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = build("qwen2-vl", "sdpa", layers=LAYERS)
+    seen = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def checking(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return sdpa(module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register("vt_checking", checking)
+    model.config._attn_implementation = "vt_checking"
+    kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
+    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+        model.generate(**kw, max_new_tokens=2)
+    assert seen and set(seen) == {"vt_checking"}

@@ -366,8 +366,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     head = ("| frames | method | retain | visual kept | vision ms | scoring ms | LLM prefill ms | prefill speed-up "
-            "| FLOP-ideal | efficiency | decode ms/tok | end-to-end ms | peak MB (Δ vs base) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| FLOP-ideal | efficiency | decode ms/tok | end-to-end ms | peak MB | peak rise MB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in result["rows"]:
         name = "uncompressed" if r["method"] == "none" else r["method"]
@@ -392,10 +392,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'1.00×' if base else '{:.2f}×'.format(r['prefill_speedup'])} | "
             f"{'1.00×' if base else '{:.2f}×'.format(r['flop_ideal_speedup'])} | "
             f"{'–' if base else '{:.0%}'.format(r['efficiency'])} | {med('decode_ms_per_token', '{:.1f}')} | "
-            f"{med('end_to_end_ms')} | {med('peak_mb')}"
-            + ("" if base else f" ({r['peak_vs_baseline_mb']:+.0f})") + " |"
+            f"{med('end_to_end_ms')} | {med('peak_mb')} | {med('peak_rise_mb')} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+NOTES = """
+Columns: medians over the repeats (min–max in brackets for the noisy ones). *LLM prefill*:
+the language model's first forward. *FLOP-ideal*: baseline prefill FLOPs / this method's
+(analytical, per layer). *Efficiency*: measured prefill speed-up / FLOP-ideal. *Peak MB*: peak
+resident memory of the worker process (model weights included; on CUDA, max allocated).
+*Peak rise*: how far the resident memory rose above its level just before `generate` — the
+memory the run itself needed. In-LLM methods (fastv, pdrop, sparsevlm): *visual kept* counts
+the tokens reaching the last layer; their retain is the equivalent-token ratio.
+"""
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -451,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "visiontrim bench speed " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "speed"] else sys.argv[1:]),
         "rows": aggregate(configs, runs),
     }
-    table = markdown(result)
+    table = markdown(result) + NOTES
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import weakref
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,20 +63,36 @@ def _rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     attention_mask: Any, **kwargs: Any) -> Any:
     """Attention function that records the requested softmax rows, then runs the real kernel."""
     cap = _CAPTURE.get()
-    if cap is None:  # pragma: no cover - only registered while capturing
-        raise RuntimeError("visiontrim row capture called outside a capture")
+    view = module.config
+    base_config = object.__getattribute__(view, "_base") if isinstance(view, _ConfigView) else view
+    if cap is None:  # another thread's call while this module is being captured: run it plainly
+        return _call_base(module, base_config, base_config._attn_implementation, query, key, value,
+                          attention_mask, kwargs)
     H, d = query.shape[1], query.shape[-1]
     rep = H // key.shape[1]
     scale = kwargs.get("scaling") or d**-0.5
     for b, rows in enumerate(cap.rows):
+        rows = rows.to(query.device)
         q = query[b, :, rows].float()  # [H, R, d]
         k = key[b].float().repeat_interleave(rep, dim=0)  # [H, Lk, d]
         logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-        logits = logits.masked_fill(~cap.allowed[b][None], float("-inf"))
+        logits = logits.masked_fill(~cap.allowed[b].to(query.device)[None], float("-inf"))
         cap.result.append(torch.softmax(logits, dim=-1))
     if cap.dry:
         return query.new_zeros(query.shape[0], query.shape[2], H, d), None
-    return _base_attention(module, cap.base)(module, query, key, value, attention_mask, **kwargs)
+    return _call_base(module, base_config, cap.base, query, key, value, attention_mask, kwargs)
+
+
+def _call_base(module: torch.nn.Module, base_config: Any, name: str, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> Any:
+    """The configured kernel, with the module's real config in place (kernels such as
+    FlashAttention read ``module.config`` themselves)."""
+    current = module.config
+    module.config = base_config
+    try:
+        return _base_attention(module, name)(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        module.config = current
 
 
 def _register() -> None:
@@ -131,19 +148,15 @@ class Pending:
 
 @dataclass
 class Session:
-    cache: Any
+    cache: Any  # a weak reference: the caller owns the KV cache
     layer_masks: list[torch.Tensor]
     layer_shift: list[torch.Tensor]
     layer_visual: list[list[torch.Tensor]]
     dp_previous: list[torch.Tensor | None] = field(default_factory=list)
     dp_keep: list[torch.Tensor | None] = field(default_factory=list)
-    dp_steps: int = 0
-    dp_pruned_steps: int = 0
     #: per layer, per sample: LM-input index of every entry of that layer's sequence (-1: padding)
     layer_origin: list[list[torch.Tensor]] = field(default_factory=list)
-    #: per decode step, per sample: LM-input indices of the visual keys attended in layers >= dp.layer
-    #: (``None``: all of them)
-    dp_history: list[list[torch.Tensor | None]] = field(default_factory=list)
+    record: "InLLMRecord | None" = None
 
 
 @dataclass
@@ -157,6 +170,11 @@ class InLLMRecord:
     seq_in: list[list[int]] = field(default_factory=list)
     score_ms: float = 0.0
     points: list[tuple[int, str]] = field(default_factory=list)
+    #: DyCoke's decode stage: steps seen, steps that pruned, and per step and sample the
+    #: LM-input indices of the visual keys attended in layers >= dp_layer (``None``: all)
+    dp_steps: int = 0
+    dp_pruned_steps: int = 0
+    dp_history: list[list[torch.Tensor | None]] = field(default_factory=list, repr=False)
 
     def equivalent(self, b: int) -> tuple[float, float]:
         L = len(self.v_in[b])
@@ -216,8 +234,9 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
 
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         pending: Pending | None = state.pending
+        state.pending = None  # consumed (or stale) whatever happens below
         session: Session | None = state.session
-        decoding = session is not None and past > 0 and past_key_values is session.cache
+        decoding = session is not None and past > 0 and past_key_values is session.cache()
         if pending is None and not decoding:
             state.session = None
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -232,8 +251,8 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
         B, q = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, past + q, dtype=torch.long, device=inputs_embeds.device)
-        if attention_mask.dim() != 2:
-            raise InputError("in-LLM pruning needs a 2-D attention mask")
+        if isinstance(attention_mask, dict) or attention_mask.dim() != 2:
+            raise InputError("in-LLM pruning needs a 2-D attention mask and a dynamic KV cache")
         if position_ids is None:
             position_ids = (_compact(attention_mask)[:, -q:])
         if decoding:
@@ -242,7 +261,8 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
         else:
             if past > 0:
                 raise InputError("in-LLM pruning needs the prompt in one prefill (the cache must start empty)")
-            state.pending = None
+            if len(pending.layouts) and B % len(pending.layouts):
+                raise RuntimeError("the prepared samples do not match the language model's batch")
             h = _prefill(model, lm, state, pending, inputs_embeds, attention_mask.long(), position_ids,
                          past_key_values, use_cache, kwargs)
         h = lm.norm(h)
@@ -281,9 +301,11 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
                                  f"but sample {b} has only {V0[b]}")
     record = InLLMRecord(v_in=[[] for _ in range(B)], v_out=[[] for _ in range(B)],
                          kept=[[] for _ in range(B)], recycled=[[] for _ in range(B)],
-                         seq_in=[[] for _ in range(B)], points=[(p.layer, p.source) for p in (plans[0] if plans else [])])
+                         seq_in=[[] for _ in range(B)],
+                         points=[(p.layer, p.source) for p in next((pl for pl in plans if pl), [])])
     origin = [torch.arange(h.shape[1], device=h.device) for _ in range(B)]  # LM-input index of every row entry
-    session = Session(cache=cache, layer_masks=[], layer_shift=[], layer_visual=[])
+    session = Session(cache=(weakref.ref(cache) if cache is not None else (lambda: None)), layer_masks=[],
+                      layer_shift=[], layer_visual=[])
     full_valid = mask.sum(-1)
     rotary, text_pos = _split_positions(position_ids)
     pe = lm.rotary_emb(h, rotary)
@@ -355,6 +377,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
     record.score_ms = t_score
     session.dp_previous = [None] * B
     session.dp_keep = [None] * B
+    session.record = record
     state.session = session if use_cache else None
     state.inllm_record = record
     if state.last is not None:
@@ -392,7 +415,7 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
     fca = uses_fca(method)
     for b in range(B):
         lay = layouts[b]
-        valid = mask[b].bool()
+        valid = mask[b].bool().to(h.device)
         p = points[b]
         if p is None or attn[b] is None:
             idx = valid.nonzero(as_tuple=True)[0]
@@ -526,7 +549,8 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
             rows = [torch.tensor([q - 1], device=h.device) for _ in range(B)]
             cap = _Capture(base="", rows=rows, allowed=[allowed_rows(step_mask[b], rows[b], offset) for b in range(B)])
             h = call_capturing(layer.self_attn, cap, run)
-            session.dp_steps += 1
+            record = session.record
+            record.dp_steps += 1
             for b in range(B):
                 keep, a = dp.step(cap.result[b], session.layer_visual[idx][b], session.dp_previous[b],
                                   session.dp_keep[b])
@@ -534,9 +558,9 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
                 session.dp_keep[b] = keep
                 dp_keep[b] = keep
             if any(k is not None for k in dp_keep):
-                session.dp_pruned_steps += 1
+                record.dp_pruned_steps += 1
             origin = session.layer_origin[idx]
-            session.dp_history.append([origin[b][k] if k is not None else None for b, k in enumerate(dp_keep)])
+            record.dp_history.append([origin[b][k] if k is not None else None for b, k in enumerate(dp_keep)])
         else:
             h = run()
     return h

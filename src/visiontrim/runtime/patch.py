@@ -116,7 +116,25 @@ def _questions(model: torch.nn.Module, state: TrimState, prepared: Prepared, mas
     return out
 
 
+def _pad_id(model: torch.nn.Module) -> int:
+    for cfg in (getattr(model, "generation_config", None), getattr(model.config, "text_config", None), model.config):
+        pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _on_device(model: torch.nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
+    """Token-level tensors on the model's device (transformers' generate moves them itself)."""
+    device = getattr(model, "device", None)
+    if device is None:
+        return kw
+    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", QUESTION_KEY, "labels")
+    return {k: (v.to(device) if k in keys and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
 def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> tuple[Prepared, Trimmed]:
+    kw = _on_device(model, kw)
     needs_text, needs_attention = _needs(state)
     if needs_attention and state.adapter.fallback_encoder_signal is None:
         raise InputError(
@@ -147,6 +165,7 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         state.spec.name,
         questions=questions,
         want_attention=needs_attention,
+        pad_id=_pad_id(model),
     )
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
     trimmed.stats.lm_shape = lm_shape(model)
@@ -192,7 +211,14 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
                 "visiontrim compresses visual inputs in the prefill only; this call passes pixel inputs "
                 "together with a non-empty KV cache"
             )
-        prepared, trimmed = _run_trim(model, state, kw)
+        if state.uses_lm_loop and kw.get("labels") is not None:
+            raise InputError(f"labels are not supported with the in-LLM method {state.spec.name!r} "
+                             "(the sequence shrinks inside the model)")
+        try:
+            prepared, trimmed = _run_trim(model, state, kw)
+        except BaseException:
+            state.pending = None
+            raise
         new_kw = {k: v for k, v in kw.items() if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
         labels = new_kw.get("labels")
         if labels is not None:
@@ -202,7 +228,10 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
             attention_mask=trimmed.attention_mask,
             position_ids=model_position_ids(trimmed, prepared.style),
         )
-        return original(**new_kw)
+        try:
+            return original(**new_kw)
+        finally:
+            state.pending = None
 
     return forward
 
@@ -218,18 +247,46 @@ def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
 
 
 def _resolve_lengths(model: torch.nn.Module, kw: dict[str, Any], prompt_len: int) -> None:
-    """Express length limits as new-token counts: the prompt the language model sees is shorter."""
+    """Express length limits as new-token counts: the prompt the language model sees is shorter.
+
+    ``max_length`` / ``min_length`` (from the call or the generation config) count the
+    caller's prompt; they become ``max_new_tokens`` / ``min_new_tokens``. When neither is set,
+    transformers' own default (a fixed number of new tokens) applies unchanged.
+    """
     config = kw.get("generation_config") or getattr(model, "generation_config", None)
     if kw.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
         max_length = kw.pop("max_length", None)
         if max_length is None:
-            max_length = getattr(config, "max_length", None) or 20
-        kw["max_new_tokens"] = max(1, int(max_length) - prompt_len)
+            max_length = getattr(config, "max_length", None)
+        if max_length is not None:
+            kw["max_new_tokens"] = max(1, int(max_length) - prompt_len)
     else:
         kw.pop("max_length", None)
     min_length = kw.pop("min_length", None)
-    if min_length is not None and kw.get("min_new_tokens") is None:
+    if min_length is None:
+        min_length = getattr(config, "min_length", None) or None
+    if min_length and kw.get("min_new_tokens") is None and getattr(config, "min_new_tokens", None) is None:
         kw["min_new_tokens"] = max(0, int(min_length) - prompt_len)
+        kw["min_length"] = 0
+
+
+def _check_generate_kwargs(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> None:
+    """Reject generation settings the compressed path cannot honour, before anything runs."""
+    config = kw.get("generation_config") or getattr(model, "generation_config", None)
+    if kw.get("prefill_chunk_size") is not None or getattr(config, "prefill_chunk_size", None):
+        raise InputError("prefill_chunk_size is not supported with visiontrim: the prompt is compressed in one prefill")
+    if state.uses_lm_loop:
+        impl = kw.get("cache_implementation") or getattr(config, "cache_implementation", None)
+        past = kw.get("past_key_values")
+        if impl not in (None, "dynamic") or (past is not None and getattr(past, "is_compileable", False)):
+            raise InputError(
+                f"method {state.spec.name!r} prunes inside the language model, which needs a dynamic KV cache "
+                f"(per-layer lengths differ); got cache_implementation={impl!r}"
+            )
+    if state.dp is not None:
+        beams = kw.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        if int(beams) > 1:
+            raise InputError("dycoke's decode-time stage (dp=True) does not support beam search (num_beams > 1)")
 
 
 def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
@@ -246,27 +303,37 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
         if _cache_length(kw.get("past_key_values")) > 0:
             raise InputError("visiontrim cannot continue generation from a cache when new pixel inputs are given")
         input_ids = state.adapter.require_ids(kw)
-        prepared, trimmed = _run_trim(model, state, kw)
-        gen_kw = {k: v for k, v in kw.items() if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
-        _resolve_lengths(model, gen_kw, input_ids.shape[1])
-        out = original(
-            inputs_embeds=trimmed.inputs_embeds,
-            attention_mask=trimmed.attention_mask,
-            position_ids=model_position_ids(trimmed, prepared.style),
-            **gen_kw,
-        )
-        return _prepend_prompt(out, input_ids)
+        _check_generate_kwargs(model, state, kw)
+        try:
+            prepared, trimmed = _run_trim(model, state, kw)
+            gen_kw = {k: v for k, v in kw.items()
+                      if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
+            _resolve_lengths(model, gen_kw, input_ids.shape[1])
+            # the kept token ids go along with the embeddings, so logits processors that look at
+            # the prompt (repetition penalty, ...) see the same tokens as without compression
+            out = original(
+                input_ids=trimmed.input_ids,
+                inputs_embeds=trimmed.inputs_embeds,
+                attention_mask=trimmed.attention_mask,
+                position_ids=model_position_ids(trimmed, prepared.style),
+                **gen_kw,
+            )
+        finally:
+            state.pending = None
+            state.session = None  # the generation is over: do not keep its KV cache alive
+        return _prepend_prompt(out, input_ids, trimmed.input_ids.shape[1])
 
     return generate
 
 
-def _prepend_prompt(out: Any, input_ids: torch.Tensor) -> Any:
-    """Put the caller's prompt ids in front of the generated ids (what an unpatched model returns)."""
+def _prepend_prompt(out: Any, input_ids: torch.Tensor, pruned_len: int) -> Any:
+    """Replace the pruned prompt in front of the generated ids by the caller's prompt ids
+    (what an unpatched model returns)."""
 
     def fix(seqs: torch.Tensor) -> torch.Tensor:
         reps = seqs.shape[0] // input_ids.shape[0]
         prompt = input_ids.repeat_interleave(reps, dim=0) if reps > 1 else input_ids
-        return torch.cat([prompt.to(seqs.device), seqs], dim=-1)
+        return torch.cat([prompt.to(seqs.device), seqs[:, pruned_len:]], dim=-1)
 
     if isinstance(out, torch.Tensor):
         return fix(out)

@@ -75,6 +75,10 @@ class TrimStats:
     inllm: Any = field(default=None, repr=False)
     #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
     lm_shape: tuple[int, int, int, int] | None = None
+    #: the pruned attention mask and position ids the language model received: continue a
+    #: manual decoding loop after a compressed ``forward(use_cache=True)`` from these
+    attention_mask: torch.Tensor | None = field(default=None, repr=False)
+    position_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def tokens_before(self) -> int:
@@ -155,6 +159,7 @@ class Trimmed:
     keep: list[torch.Tensor]
     padding_side: str
     stats: TrimStats
+    input_ids: torch.Tensor
 
 
 def padding_side_of(mask: torch.Tensor) -> str:
@@ -207,6 +212,7 @@ def trim(
     method_name: str,
     questions: list[torch.Tensor] | None = None,
     want_attention: bool = False,
+    pad_id: int = 0,
 ) -> Trimmed:
     """Score every segment of every sample, keep the selected tokens, re-pad the batch.
 
@@ -303,4 +309,11 @@ def trim(
         question=questions,
         encoder_signal=prepared.encoder_signal,
     )
-    return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats)
+    ids = prepared.input_ids
+    new_ids = ids.new_full((B, Lp), pad_id)
+    for b, n in enumerate(lengths):
+        sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
+        new_ids[b, sl] = ids[b, keeps[b]]
+    stats.attention_mask = new_mask
+    stats.position_ids = new_pos
+    return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats, new_ids)
