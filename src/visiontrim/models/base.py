@@ -103,6 +103,17 @@ def split_placeholders(
     return out
 
 
+def order_segments(per_sample: list[list[tuple[int, Segment]]]) -> list[list[Segment]]:
+    """Sort each sample's ``(start, segment)`` pairs by position and number them 0, 1, …"""
+    out: list[list[Segment]] = []
+    for items in per_sample:
+        items.sort(key=lambda it: it[0])
+        for i, (_, seg) in enumerate(items):
+            seg.ordinal = i
+        out.append([seg for _, seg in items])
+    return out
+
+
 class Adapter:
     """Base class: subclasses set ``family``, ``classes``, ``style`` and implement :meth:`prepare`."""
 
@@ -136,7 +147,26 @@ class Adapter:
         return found
 
     def has_visual(self, kwargs: dict[str, Any]) -> bool:
-        raise NotImplementedError
+        """Whether a call carries images or videos (pixels or precomputed encoder outputs)."""
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        return (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or any(v is not None for v in enc.values())
+        )
+
+    @staticmethod
+    def attention_mask(model: torch.nn.Module, kwargs: dict[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+        """The call's 2-D mask; without one, padding tokens (if the model has a pad id that
+        occurs in the batch) are masked, as ``generate`` does."""
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+            if isinstance(pad, int) and input_ids.shape[0] > 1 and bool((input_ids == pad).any()):
+                mask = (input_ids != pad).long()
+            else:
+                mask = torch.ones_like(input_ids)
+        return mask.long()
 
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         """Full inputs and segments; with ``encoder_attention=True`` also the encoder's own

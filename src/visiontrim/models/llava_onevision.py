@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Adapter, Prepared, Segment, mask_positions, split_placeholders
+from .base import Adapter, Prepared, Segment, order_segments, mask_positions, split_placeholders
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -45,22 +45,11 @@ class LlavaOnevisionAdapter(Adapter):
         "mm_encoder_outputs",
     )
 
-    def has_visual(self, kwargs: dict[str, Any]) -> bool:
-        enc = kwargs.get("mm_encoder_outputs") or {}
-        return (
-            kwargs.get("pixel_values") is not None
-            or kwargs.get("pixel_values_videos") is not None
-            or any(v is not None for v in enc.values())
-        )
-
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.long()
+        attention_mask = self.attention_mask(model, kwargs, input_ids)
         embeds = inner.get_input_embeddings()(input_ids)
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
         feat_kwargs = {
@@ -119,12 +108,7 @@ class LlavaOnevisionAdapter(Adapter):
                 per_sample_videos.append(seg)
                 per_sample[b].append((int(pos[0]), seg))
 
-        segments: list[list[Segment]] = []
-        for items in per_sample:
-            items.sort(key=lambda it: it[0])
-            for i, (_, seg) in enumerate(items):
-                seg.ordinal = i
-            segments.append([seg for _, seg in items])
+        segments = order_segments(per_sample)
         return Prepared(
             input_ids=input_ids,
             inputs_embeds=embeds,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, Prepared, Segment, split_placeholders
+from .base import Adapter, Prepared, Segment, order_segments, split_placeholders
 
 
 class Qwen2VLAdapter(Adapter):
@@ -32,24 +32,13 @@ class Qwen2VLAdapter(Adapter):
         "mm_encoder_outputs",
     )
 
-    def has_visual(self, kwargs: dict[str, Any]) -> bool:
-        enc = kwargs.get("mm_encoder_outputs") or {}
-        return (
-            kwargs.get("pixel_values") is not None
-            or kwargs.get("pixel_values_videos") is not None
-            or any(v is not None for v in enc.values())
-        )
-
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
         merge = int(cfg.vision_config.spatial_merge_size)
         temporal_patch = int(getattr(cfg.vision_config, "temporal_patch_size", 1) or 1)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.long()
+        attention_mask = self.attention_mask(model, kwargs, input_ids)
         embeds = inner.get_input_embeddings()(input_ids)
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
         image_grid = kwargs.get("image_grid_thw")
@@ -101,12 +90,7 @@ class Qwen2VLAdapter(Adapter):
             **rope_kwargs,
         )
 
-        segments: list[list[Segment]] = []
-        for items in per_sample:
-            items.sort(key=lambda it: it[0])
-            for i, (_, seg) in enumerate(items):
-                seg.ordinal = i
-            segments.append([seg for _, seg in items])
+        segments = order_segments(per_sample)
         return Prepared(
             input_ids=input_ids,
             inputs_embeds=embeds,
