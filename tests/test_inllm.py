@@ -332,7 +332,7 @@ def test_plans_and_errors():
     p = FastV(layer=2).plan(1000, 28, 0.25)[0]
     assert p.layer == 1 and abs((2 * 1000 + 26 * p.keep) / 28 - 250) <= 1
     assert FastV(layer=2, equivalent="keep").plan(1000, 28, 0.25)[0].keep == 250
-    with pytest.raises(visiontrim.InputError, match="below what pruning at layer K=2"):
+    with pytest.raises(visiontrim.InputError, match="leaves no visual token after layer K=2"):
         FastV(layer=2).plan(1000, 28, 0.05)
     plan = PDrop(ratios=(0.5, 0.25, 0.125)).plan(576, 32, 0.5)
     assert [(p.layer, p.keep, p.source) for p in plan] == [(7, 288, "next"), (15, 144, "next"), (23, 72, "next")]
@@ -350,7 +350,7 @@ def test_bad_in_llm_options_fail_before_anything_changes(models):
         visiontrim.compress(model, "fastv", retain=0.5, layer=9)
     with pytest.raises(visiontrim.InputError, match="past the language model's depth"):
         visiontrim.compress(model, "dycoke", retain=0.5, dp=True, dp_layer=4)
-    with pytest.raises(visiontrim.InputError, match="below what pruning"):
+    with pytest.raises(visiontrim.InputError, match="leaves no visual token"):
         visiontrim.compress(model, "fastv", retain=0.2, layer=2)
     with pytest.raises(visiontrim.InputError, match="compact.*not defined .*M-RoPE"):
         visiontrim.compress(model, "pdrop", retain=0.6, positions="compact")

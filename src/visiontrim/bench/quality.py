@@ -104,19 +104,30 @@ def evaluate_configs(
                 on_progress(n)
 
         began = time.perf_counter()
-        if method == "none":
-            answers = answer_prepared(model, processor, batches, on_batch=on_batch)
-            visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
-            counts["before"] = counts["after"] = visual - sum(int(b["input_ids"].shape[0]) for b in batches)
-        else:
-            with visiontrim.compress(model, method, retain=retain):
+        try:
+            if method == "none":
                 answers = answer_prepared(model, processor, batches, on_batch=on_batch)
+                visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
+                counts["before"] = counts["after"] = visual - sum(int(b["input_ids"].shape[0]) for b in batches)
+            else:
+                with visiontrim.compress(model, method, retain=retain):
+                    answers = answer_prepared(model, processor, batches, on_batch=on_batch)
+        except InputError as exc:
+            # The method cannot run at this ratio on this model (e.g. an in-LLM method whose
+            # pruning layer leaves too few layers): report it, do not change its options.
+            if on_progress is not None:
+                on_progress(len(examples) - counts["n"])
+            rows.append({"method": method, "retain": retain, "scores": None, "error": str(exc),
+                         "visual_tokens_before": None, "visual_tokens_after": None,
+                         "seconds": round(time.perf_counter() - began, 2), "answers": None})
+            continue
         n = max(counts["n"], 1)
         rows.append(
             {
                 "method": method,
                 "retain": retain,
                 "scores": score(examples, answers).as_dict(),
+                "error": None,
                 "visual_tokens_before": round(counts["before"] / n, 2),
                 "visual_tokens_after": round(counts["after"] / n, 2),
                 "seconds": round(time.perf_counter() - began, 2),
@@ -142,6 +153,9 @@ def markdown_report(result: dict[str, Any]) -> str:
     table = []
     for r in rows:
         s = r["scores"]
+        if s is None:
+            table.append([r["method"], f"{r['retain']:g}", "n/a", "n/a", "n/a"] + ["n/a"] * len(FAMILIES))
+            continue
         kept = s["accuracy"] / base_acc if base_acc else None
         fams = [_pct((s["families"].get(f) or {}).get("accuracy")) for f in FAMILIES]
         table.append(
@@ -164,7 +178,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             cells = []
             for ret in retains:
                 r = next((x for x in rows if x["method"] == m and x["retain"] == ret), None)
-                if r is None:
+                if r is None or r["scores"] is None:
                     cells.append("–")
                     continue
                 s = r["scores"]
@@ -178,6 +192,10 @@ def markdown_report(result: dict[str, Any]) -> str:
             "",
             markdown_table(["method"] + [f"r={x:g}" for x in retains], sub),
         ]
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += ["", "**Not run** (the method refuses this ratio on this model; options left at their defaults):", ""]
+        lines += [f"- `{r['method']}` at retain {r['retain']:g}: {r['error']}" for r in errors]
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +216,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
         series = {}
         for m in methods:
-            pts = [(r["retain"], value(r)) for r in rows if r["method"] == m]
+            pts = [(r["retain"], value(r)) for r in rows if r["method"] == m and r["scores"] is not None]
             if base is not None:
                 pts.append((1.0, value(base)))
             series[m] = pts

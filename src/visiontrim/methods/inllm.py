@@ -165,8 +165,9 @@ class FastV:
             k = (retain * L - (K - 1)) * V0 / (L - K + 1)
         if k < 0.5:
             raise InputError(
-                f"fastv: retain={retain} is below what pruning at layer K={K} of {L} layers can reach with "
-                f"equivalent={self.equivalent!r} (minimum {K / L if self.equivalent == 'input' else (K - 1) / L:.3f}); "
+                f"fastv: retain={retain} leaves no visual token after layer K={K} of {L} layers with "
+                f"equivalent={self.equivalent!r} (retain must be above "
+                f"{K / L if self.equivalent == 'input' else (K - 1) / L:.3f}); "
                 "raise retain, lower K, or use equivalent='keep'"
             )
         return [PrunePoint(K - 1, _keep_count("fastv", k, V0), "self")]
@@ -247,8 +248,9 @@ class PDrop:
             lo, hi = 0.0, 1.0
             if equiv(0.0) > retain * V0 + 1e-9:
                 raise InputError(
-                    f"pdrop: retain={retain} is below the minimum this schedule reaches "
-                    f"({equiv(0.0) / V0:.3f}); lower the first boundary or raise retain"
+                    f"pdrop: retain={retain} is not above the minimum this schedule reaches "
+                    f"({equiv(0.0) / V0:.3f}: the layers before the first boundary see every visual token); "
+                    "lower the first boundary (layers=...), raise retain, or use equivalent='output'"
                 )
             for _ in range(60):
                 mid = (lo + hi) / 2
