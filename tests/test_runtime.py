@@ -51,14 +51,15 @@ def greedy(model, kw, **extra):
         return model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, **extra)
 
 
+@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_retain_one_is_token_identical(models, arch, attn, batch):
+def test_retain_one_is_token_identical(models, arch, attn, batch, method):
     model = models(arch, attn)
     kw = make_batch(model, arch, samples_for(arch, batch))
     base = greedy(model, kw)
-    with visiontrim.compress(model, "vidcom2", retain=1.0):
+    with visiontrim.compress(model, method, retain=1.0):
         out = greedy(model, kw)
         st = visiontrim.stats(model)
     assert st.tokens_after == st.tokens_before
