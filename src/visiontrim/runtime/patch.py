@@ -228,6 +228,7 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
             attention_mask=trimmed.attention_mask,
             position_ids=model_position_ids(trimmed, prepared.style),
         )
+        del prepared, trimmed  # the full-length inputs are not needed while the model runs
         try:
             return original(**new_kw)
         finally:
@@ -311,17 +312,19 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
             _resolve_lengths(model, gen_kw, input_ids.shape[1])
             # the kept token ids go along with the embeddings, so logits processors that look at
             # the prompt (repetition penalty, ...) see the same tokens as without compression
-            out = original(
+            call = dict(
                 input_ids=trimmed.input_ids,
                 inputs_embeds=trimmed.inputs_embeds,
                 attention_mask=trimmed.attention_mask,
                 position_ids=model_position_ids(trimmed, prepared.style),
-                **gen_kw,
             )
+            pruned_len = trimmed.input_ids.shape[1]
+            del prepared, trimmed  # the full-length inputs are not needed while the model runs
+            out = original(**call, **gen_kw)
         finally:
             state.pending = None
             state.session = None  # the generation is over: do not keep its KV cache alive
-        return _prepend_prompt(out, input_ids, trimmed.input_ids.shape[1])
+        return _prepend_prompt(out, input_ids, pruned_len)
 
     return generate
 

@@ -281,6 +281,22 @@ def trim(
         seq_before.append(int(valid.sum()))
 
     lengths = [int(k.numel()) for k in keeps]
+    identity = (
+        lengths == seq_before
+        and not any(replaced_all)
+        and (positions == "preserve" or not mrope)
+        and padding_side_of(mask) == side
+    )
+    if identity:  # nothing removed (e.g. in-LLM methods decide later): no copy of the inputs
+        deltas = (pos.amax(dim=(0, 2)) if mrope else pos.amax(dim=1)).reshape(B, 1).long() + 1
+        deltas = deltas - torch.tensor(lengths, device=pos.device).reshape(B, 1)
+        stats = TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
+                          seq_before=seq_before, seq_after=lengths, keep=keeps,
+                          total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
+                          question=questions, encoder_signal=prepared.encoder_signal)
+        stats.attention_mask = mask
+        stats.position_ids = pos
+        return Trimmed(embeds, mask, pos, deltas, keeps, side, stats, prepared.input_ids)
     Lp = max(lengths) if lengths else 0
     new_embeds = embeds.new_zeros(B, Lp, D)
     new_mask = mask.new_zeros(B, Lp)
