@@ -50,7 +50,6 @@ class LlavaOnevisionAdapter(Adapter):
         inner = model.model
         cfg = model.config
         attention_mask = self.attention_mask(model, kwargs, input_ids)
-        embeds = inner.get_input_embeddings()(input_ids)
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
         feat_kwargs = {
             "vision_feature_layer": kwargs.get("vision_feature_layer"),
@@ -67,6 +66,10 @@ class LlavaOnevisionAdapter(Adapter):
                 return_dict=True,
                 **feat_kwargs,
             )
+        if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
+            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+        # token embeddings after the vision encoder: they are not held while it peaks
+        embeds = inner.get_input_embeddings()(input_ids)
         if enc.get("image") is not None:
             feats = [f.to(embeds.device, embeds.dtype) for f in enc["image"].pooler_output]
             placed = split_placeholders(input_ids, cfg.image_token_id, [f.shape[0] for f in feats], "images")
@@ -81,8 +84,6 @@ class LlavaOnevisionAdapter(Adapter):
                 grid = (1, side, side) if side * side == n and structural.numel() <= 1 else (1, 1, n)
                 per_sample[b].append((int(pos[0]), Segment(b, 0, "image", grid, content, structural)))
 
-        if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
-            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
         probe_maps: list[torch.Tensor | None] = []
         if enc.get("video") is not None:
             pooled = enc["video"].pooler_output  # [V, T*M + 1, D]

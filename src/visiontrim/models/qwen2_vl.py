@@ -39,7 +39,6 @@ class Qwen2VLAdapter(Adapter):
         merge = int(cfg.vision_config.spatial_merge_size)
         temporal_patch = int(getattr(cfg.vision_config, "temporal_patch_size", 1) or 1)
         attention_mask = self.attention_mask(model, kwargs, input_ids)
-        embeds = inner.get_input_embeddings()(input_ids)
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
         image_grid = kwargs.get("image_grid_thw")
         video_grid = kwargs.get("video_grid_thw")
@@ -49,6 +48,8 @@ class Qwen2VLAdapter(Adapter):
             enc["image"] = inner.get_image_features(kwargs["pixel_values"], image_grid, return_dict=True)
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
             enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], video_grid, return_dict=True)
+        # token embeddings after the vision encoder: they are not held while it peaks
+        embeds = inner.get_input_embeddings()(input_ids)
 
         for modality, key, token_id, grids in (
             ("image", "image", cfg.image_token_id, image_grid),
