@@ -23,6 +23,7 @@ tokens *entering* each layer, ``E_in = (1/L)·Σ_l V_in(l)``, is ``retain·V0``;
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -113,9 +114,10 @@ def select_top(
     return torch.sort(torch.cat(keep)).values if keep else order[:0]
 
 
-def _check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> None:
+def check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> None:
+    """Every layer index is an integer in ``[0, num_layers)``; raises :class:`InputError` naming ``name``."""
     for layer in layers:
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or layer < 0:
             raise InputError(f"{name}: layer indices must be non-negative integers, got {layer!r}")
         if layer >= num_layers:
             raise InputError(
@@ -153,7 +155,7 @@ class FastV:
         validate_choice("fastv option budget", self.budget, ("uniform", "fca"))
 
     def check_depth(self, num_layers: int) -> None:
-        _check_layers("fastv", (self.layer,), num_layers)
+        check_layers("fastv", (self.layer,), num_layers)
 
     def plan(self, V0: int, num_layers: int, retain: float) -> list[PrunePoint]:
         K, L = self.layer, num_layers
@@ -224,7 +226,7 @@ class PDrop:
         bounds = self.boundaries(num_layers)
         if not bounds:
             raise InputError(f"pdrop: a {num_layers}-layer model has no room for a stage boundary")
-        _check_layers("pdrop", bounds, num_layers)
+        check_layers("pdrop", bounds, num_layers)
 
     def _counts(self, lam: float, V0: int, n: int) -> list[int]:
         return [max(1, math.floor(V0 * lam ** (s + 1))) for s in range(n)]
@@ -294,7 +296,7 @@ class DyCokeDP:
         validate_choice("dycoke option dp_stable", self.stable, ("reference", "reuse_previous"))
 
     def check_depth(self, num_layers: int) -> None:
-        _check_layers("dycoke dp", (self.layer,), num_layers)
+        check_layers("dycoke dp", (self.layer,), num_layers)
 
     def keep_count(self, V: int) -> int:
         return max(1, math.floor((1 - self.prune) * V))

@@ -35,6 +35,7 @@ import torch
 from ..errors import InputError
 from .base import validate_choice
 from .budget import check_retain
+from .inllm import check_layers
 
 #: Pruning layers of v1.5 and v2 (§1).
 PRUNING_LAYERS: tuple[int, ...] = (2, 6, 15)
@@ -564,13 +565,7 @@ def check_schedule(schedule: Mapping[int, int], num_visual: int, num_layers: int
 
 
 def _check_layer(layer: object, num_layers: int) -> None:
-    if not _is_int(layer) or layer < 0:  # type: ignore[operator]
-        raise InputError(f"sparsevlm: layer indices must be non-negative integers, got {layer!r}")
-    if layer >= num_layers:  # type: ignore[operator]
-        raise InputError(
-            f"sparsevlm: pruning layer {layer} is past the language model's depth "
-            f"({num_layers} layers, indices 0..{num_layers - 1})"
-        )
+    check_layers("sparsevlm", (layer,), num_layers)  # type: ignore[arg-type]
 
 
 def equivalent_tokens(v_in: Sequence[int], v_out: Sequence[int]) -> tuple[float, float]:
