@@ -37,8 +37,8 @@ ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
 #: Side of the square frames the tiny models are sized for.
 FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56}
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Text model shared by all architectures (a Qwen2-style decoder).
 _TEXT = {
@@ -268,15 +268,15 @@ def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _video_processor_config(arch: str) -> dict[str, Any]:
+def video_processor_config(arch: str) -> dict[str, Any]:
     common = {
         "do_convert_rgb": True,
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
         "do_sample_frames": False,
-        "image_mean": list(_CLIP_MEAN),
-        "image_std": list(_CLIP_STD),
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "resample": 3,
         "rescale_factor": 1 / 255,
     }
@@ -321,7 +321,7 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
             LlavaOnevisionProcessor,
             tokenizer=tokenizer,
             image_processor=image_processor,
-            video_processor_config=_video_processor_config(arch),
+            video_processor_config=video_processor_config(arch),
             chat_template=template,
             num_image_tokens=(_LLAVA_IMAGE // _LLAVA_PATCH) ** 2,
             vision_feature_select_strategy="full",
@@ -334,7 +334,7 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
         cls,
         tokenizer=tokenizer,
         image_processor=_image_processor(arch),
-        video_processor_config=_video_processor_config(arch),
+        video_processor_config=video_processor_config(arch),
         chat_template=template,
     )
 
@@ -347,8 +347,8 @@ def _image_processor(arch: str) -> Any:
         kwargs: dict[str, Any] = {
             "size": {"height": _LLAVA_IMAGE, "width": _LLAVA_IMAGE},
             "image_grid_pinpoints": [list(p) for p in _LLAVA_PINPOINTS],
-            "image_mean": list(_CLIP_MEAN),
-            "image_std": list(_CLIP_STD),
+            "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD),
             "do_pad": True,
         }
         if has_torchvision():

@@ -21,6 +21,9 @@ from typing import Any
 
 from visiontrim.errors import InputError
 
+from ..tiny import CLIP_MEAN as _CLIP_MEAN
+from ..tiny import CLIP_STD as _CLIP_STD
+from ..tiny import video_processor_config
 from . import synthvid
 
 __all__ = [
@@ -41,8 +44,6 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 FRAME = synthvid.SIZE
 PATCH = 8
 
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "[UNK]"]
 _CHAT_WORDS = ["system", "user", "assistant"]
 
@@ -138,20 +139,7 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     from visiontrim.video import assemble_processor
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    video_config = {
-        "video_processor_type": "LlavaOnevisionVideoProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "do_sample_frames": False,
-        "image_mean": list(_CLIP_MEAN),
-        "image_std": list(_CLIP_STD),
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"height": FRAME, "width": FRAME},
-        "default_to_square": False,
-    }
+    video_config = dict(video_processor_config("llava-onevision"), size={"height": FRAME, "width": FRAME})
     return assemble_processor(
         LlavaOnevisionProcessor,
         tokenizer=tokenizer,
