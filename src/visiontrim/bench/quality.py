@@ -248,6 +248,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """``--n``, ``--seed`` and ``--batch-size`` of a quality run (also ``visiontrim demo``)."""
+    if args.n < 1:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -255,12 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     retains = parse_retains(args.retain)
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_counts(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out exists and is not a directory: {out}")

@@ -246,17 +246,12 @@ def _parse_methods(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from visiontrim.bench.quality import load_for_bench, parse_retains
+    from visiontrim.bench.quality import check_counts, load_for_bench, parse_retains
     from visiontrim.report import text_table
 
     methods = _parse_methods(args.methods)
     retains = parse_retains(args.retain)
-    if args.n < 1:
-        raise InputError(f"--n must be >= 1, got {args.n}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_counts(args)
     out = None if args.no_report else Path(args.out)
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"--out exists and is not a directory: {out}")
