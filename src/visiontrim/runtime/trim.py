@@ -227,8 +227,7 @@ def trim(
     mrope = prepared.style == "mrope"
     B, L, D = embeds.shape
     side = padding_side_of(mask)
-    rows_embeds: list[torch.Tensor] = []
-    rows_pos: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []  # per sample: its embeddings, merged features written in
     keeps: list[torch.Tensor] = []
     seg_stats: list[list[SegmentStats]] = []
     seq_before: list[int] = []
@@ -269,14 +268,8 @@ def trim(
             for kept_pos, feats in replaced:
                 row[kept_pos] = feats.to(row.dtype)
         replaced_all.append(replaced)
-        keep = keep_mask.nonzero(as_tuple=True)[0]
-        keeps.append(keep)
-        rows_embeds.append(row[keep])
-        if positions == "preserve":
-            rows_pos.append(pos[:, b, keep] if mrope else pos[b, keep])
-        else:
-            compact = torch.arange(keep.numel(), device=pos.device, dtype=pos.dtype)
-            rows_pos.append(compact.expand(3, -1) if mrope else compact)
+        keeps.append(keep_mask.nonzero(as_tuple=True)[0])
+        rows.append(row)
         seg_stats.append(stats_b)
         seq_before.append(int(valid.sum()))
 
@@ -285,51 +278,40 @@ def trim(
         lengths == seq_before
         and not any(replaced_all)
         and (positions == "preserve" or not mrope)
-        and padding_side_of(mask) == side
     )
+
+    def make_stats(new_mask: torch.Tensor, new_pos: torch.Tensor) -> TrimStats:
+        return TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
+                         seq_before=seq_before, seq_after=lengths, keep=keeps,
+                         total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
+                         question=questions, encoder_signal=prepared.encoder_signal,
+                         attention_mask=new_mask, position_ids=new_pos)
+
     if identity:  # nothing removed (e.g. in-LLM methods decide later): no copy of the inputs
         deltas = (pos.amax(dim=(0, 2)) if mrope else pos.amax(dim=1)).reshape(B, 1).long() + 1
         deltas = deltas - torch.tensor(lengths, device=pos.device).reshape(B, 1)
-        stats = TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
-                          seq_before=seq_before, seq_after=lengths, keep=keeps,
-                          total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
-                          question=questions, encoder_signal=prepared.encoder_signal)
-        stats.attention_mask = mask
-        stats.position_ids = pos
-        return Trimmed(embeds, mask, pos, deltas, keeps, side, stats, prepared.input_ids)
+        return Trimmed(embeds, mask, pos, deltas, keeps, side, make_stats(mask, pos), prepared.input_ids)
     Lp = max(lengths) if lengths else 0
     new_embeds = embeds.new_zeros(B, Lp, D)
     new_mask = mask.new_zeros(B, Lp)
     new_pos = pos.new_zeros((3, B, Lp) if mrope else (B, Lp))
+    new_ids = prepared.input_ids.new_full((B, Lp), pad_id)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=pos.device)
-    for b, n in enumerate(lengths):
+    for b, (n, keep) in enumerate(zip(lengths, keeps)):
         sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
-        new_embeds[b, sl] = rows_embeds[b]
+        new_embeds[b, sl] = rows[b][keep]
         new_mask[b, sl] = 1
-        if mrope:
-            new_pos[:, b, sl] = rows_pos[b]
+        new_ids[b, sl] = prepared.input_ids[b, keep]
+        if positions == "preserve":
+            row_pos = pos[:, b, keep] if mrope else pos[b, keep]
         else:
-            new_pos[b, sl] = rows_pos[b]
+            row_pos = torch.arange(n, device=pos.device, dtype=pos.dtype)
+            row_pos = row_pos.expand(3, -1) if mrope else row_pos
+        if mrope:
+            new_pos[:, b, sl] = row_pos
+        else:
+            new_pos[b, sl] = row_pos
         if n:
-            deltas[b, 0] = int(rows_pos[b].max()) + 1 - n
-    stats = TrimStats(
-        method=method_name,
-        retain=retain,
-        positions=positions,
-        segments=seg_stats,
-        seq_before=seq_before,
-        seq_after=lengths,
-        keep=keeps,
-        total_ms=(time.perf_counter() - start) * 1000.0,
-        replaced=replaced_all,
-        question=questions,
-        encoder_signal=prepared.encoder_signal,
-    )
-    ids = prepared.input_ids
-    new_ids = ids.new_full((B, Lp), pad_id)
-    for b, n in enumerate(lengths):
-        sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
-        new_ids[b, sl] = ids[b, keeps[b]]
-    stats.attention_mask = new_mask
-    stats.position_ids = new_pos
+            deltas[b, 0] = int(row_pos.max()) + 1 - n
+    stats = make_stats(new_mask, new_pos)
     return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats, new_ids)
