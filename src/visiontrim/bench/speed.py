@@ -184,9 +184,6 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         vc = model.config.vision_config
         arch = Arch("checkpoint", family, {}, {"image_size": getattr(vc, "image_size", 384),
                                                "patch_size": vc.patch_size}, 448)
-        from .arches import IMAGE_TOKEN  # noqa: F401  (placeholders come from the checkpoint's config)
-
-        model.config.video_token_id = model.config.video_token_id
     else:
         from .arches import build_model
 
@@ -198,9 +195,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     inputs = make_inputs(model, arch, cfg["frames"], dtype=dtype, device=device)
     if cfg.get("model"):
         ids = inputs["input_ids"]
-        ids[ids == 901] = model.config.video_token_id
-        ids[ids == 902] = getattr(model.config, "vision_start_token_id", 902)
-        ids[ids == 903] = getattr(model.config, "vision_end_token_id", 903)
+        from .arches import V_END, V_START, VIDEO_TOKEN
+
+        # the synthetic prompt uses the built-in shapes' placeholder ids: map them to the checkpoint's
+        ids[ids == VIDEO_TOKEN] = model.config.video_token_id
+        ids[ids == V_START] = getattr(model.config, "vision_start_token_id", V_START)
+        ids[ids == V_END] = getattr(model.config, "vision_end_token_id", V_END)
     lm, vision = _lm_and_vision(model)
     marks: dict[str, list[float]] = {"lm": [], "vision": []}
     starts: dict[str, float] = {}
