@@ -20,7 +20,7 @@ from PIL import Image
 
 from visiontrim.cli import main
 from visiontrim.tiny import ARCHS, FRAME_SIZE, build_tokenizer, tiny_config
-from visiontrim.video import has_torchvision, load_processor
+from visiontrim.processing import has_torchvision, load_processor
 
 QUESTION = "what is shown"
 Capsys = pytest.CaptureFixture[str]

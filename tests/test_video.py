@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from visiontrim.errors import InputError, VisiontrimError
+from visiontrim.processing import ArrayVideoProcessor
 from visiontrim.video import (
-    ArrayVideoProcessor,
     load_image,
     load_video,
     read_video,

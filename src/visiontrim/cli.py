@@ -339,7 +339,7 @@ def _load(name: str, dtype: str, attn: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from visiontrim.video import load_processor
+    from visiontrim.processing import load_processor
 
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise InputError(f"could not load model '{name}': no such directory")

@@ -305,10 +305,10 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
     or ``Qwen2_5_VLProcessor``).
 
     Image and video sizes match :func:`tiny_config`. Works without torchvision: the video
-    processor is then a :class:`visiontrim.video.ArrayVideoProcessor` saved under the
-    library's own video processor type (see :func:`visiontrim.video.assemble_processor`).
+    processor is then a :class:`visiontrim.processing.ArrayVideoProcessor` saved under the
+    library's own video processor type (see :func:`visiontrim.processing.assemble_processor`).
     """
-    from visiontrim.video import assemble_processor
+    from visiontrim.processing import assemble_processor
 
     _check_arch(arch)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(arch)
@@ -341,7 +341,7 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
 
 def _image_processor(arch: str) -> Any:
     """The image processor, using the torchvision class when available and the Pillow one otherwise."""
-    from visiontrim.video import has_torchvision
+    from visiontrim.processing import has_torchvision
 
     if arch == "llava-onevision":
         kwargs: dict[str, Any] = {
@@ -409,7 +409,7 @@ def make_tiny(arch: str, path: str | os.PathLike[str], seed: int = 0) -> Path:
 
     The directory loads back offline with ``AutoProcessor`` /
     ``AutoModelForImageTextToText.from_pretrained`` (or, without torchvision, with
-    :func:`visiontrim.video.load_processor`). Returns the directory.
+    :func:`visiontrim.processing.load_processor`). Returns the directory.
     """
     target = Path(path)
     model, processor = build_tiny(arch, seed=seed)

@@ -116,7 +116,7 @@ def build_tokenizer() -> Any:
 
 
 def _image_processor() -> Any:
-    from visiontrim.video import has_torchvision
+    from visiontrim.processing import has_torchvision
 
     kwargs: dict[str, Any] = {
         "size": {"height": FRAME, "width": FRAME},
@@ -136,7 +136,7 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     """The ``LlavaOnevisionProcessor`` of the embedded model (64×64 frames, 16 tokens per frame)."""
     from transformers import LlavaOnevisionProcessor
 
-    from visiontrim.video import assemble_processor
+    from visiontrim.processing import assemble_processor
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     video_config = dict(video_processor_config("llava-onevision"), size={"height": FRAME, "width": FRAME})
@@ -220,7 +220,7 @@ def load_model(path: str | os.PathLike[str], attn_implementation: str = "sdpa") 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from visiontrim.video import load_processor
+    from visiontrim.processing import load_processor
 
     directory = Path(path)
     if not (directory / "config.json").is_file():
