@@ -241,11 +241,11 @@ def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
     base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0) as h:
+    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0):
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
         assert visiontrim.stats(model).inllm.dp_pruned_steps == 0
     assert torch.equal(out, base)  # never re-selects: attends to everything, as without stage 2
-    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2) as h:
+    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
         model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
         hist = visiontrim.stats(model).inllm.dp_history
         assert visiontrim.stats(model).inllm.dp_pruned_steps >= 1

@@ -103,8 +103,7 @@ def test_repeats_merge_and_the_odd_frame_stays():
 
 def test_repeats_with_a_token_per_frame_floor():
     x = repeat_video()
-    M = 4
-    # 3 x (M - 1) merges: each repeat frame keeps only its least redundant token
+    # 3 x (4 - 1) merges (M = 4 tokens per frame): each repeat frame keeps only its least redundant token
     sel = LFTR(spatial="off", temporal_ratio=1 - 9 / 24).select(x, 1.0)
     assert sel.frame_counts.tolist() == [4, 1, 1, 4, 4, 1]
     absorbed = temporal_absorb(temporal_scores(x), 9)

@@ -285,7 +285,6 @@ def _expand(pending: Pending, B: int) -> Pending:
 def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor, mask: torch.Tensor,
              position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any]) -> torch.Tensor:
     method = state.inllm
-    dp = state.dp
     num_layers = len(lm.layers)
     kinds = _layer_types(lm)
     B = h.shape[0]
@@ -339,10 +338,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
         attn: list[torch.Tensor | None] = [None] * B
         rows_req: list[torch.Tensor | None] = [None] * B
         if any(p is not None for p in self_points):
-            rows_req = [_rows_for(method, layouts[b], prepared_state, b) if self_points[b] is not None else
-                        torch.zeros(0, dtype=torch.long, device=h.device) for b in range(B)]
-            cap = _Capture(base="", rows=rows_req,
-                           allowed=[allowed_rows(mask[b], rows_req[b], 0) for b in range(B)])
+            rows_req, cap = _row_capture(method, layouts, prepared_state, mask, self_points)
             h_out = call_capturing(layer.self_attn, cap, run_layer)
             attn = [cap.result[b] if self_points[b] is not None else None for b in range(B)]
         else:
@@ -350,10 +346,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
         if any(p is not None and p.source == "next" for p in points) and idx + 1 < num_layers:
             start = time.perf_counter()
             nxt = lm.layers[idx + 1]
-            rows_req = [_rows_for(method, layouts[b], prepared_state, b) if points[b] is not None else
-                        torch.zeros(0, dtype=torch.long, device=h.device) for b in range(B)]
-            cap = _Capture(base="", rows=rows_req, allowed=[allowed_rows(mask[b], rows_req[b], 0) for b in range(B)],
-                           dry=True)
+            rows_req, cap = _row_capture(method, layouts, prepared_state, mask, points, dry=True)
             x = nxt.input_layernorm(h_out)
             nxt_mask = _mask_for(lm, kinds[idx + 1], h_out, mask, None, idx + 1)
             call_capturing(nxt.self_attn, cap, lambda: nxt.self_attn(
@@ -383,6 +376,18 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
     if state.last is not None:
         state.last.inllm = record
     return h
+
+
+def _row_capture(
+    method: Any, layouts: list[SampleLayout], prepared_state: Any, mask: torch.Tensor, points: list[Any],
+    dry: bool = False,
+) -> tuple[list[torch.Tensor], _Capture]:
+    """The query rows each sample with a prune point needs (none for the others) and the capture
+    that computes their attention over the keys ``mask`` allows."""
+    rows = [_rows_for(method, layouts[b], prepared_state, b) if points[b] is not None else
+            torch.zeros(0, dtype=torch.long, device=mask.device) for b in range(len(layouts))]
+    allowed = [allowed_rows(mask[b], rows[b], 0) for b in range(len(layouts))]
+    return rows, _Capture(base="", rows=rows, allowed=allowed, dry=dry)
 
 
 def _rows_for(method: Any, layout: SampleLayout, prepared_state: Any, b: int) -> torch.Tensor:
@@ -512,10 +517,10 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
 def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, mask: torch.Tensor,
             position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any]) -> torch.Tensor:
     """One decode call (``q`` new tokens): every layer's key mask grows by the new columns."""
+    dp = state.dp
     B, q = h.shape[:2]
     new_cols = mask[:, -q:]
     kinds = _layer_types(lm)
-    dp = state.dp
     dp_keep: list[torch.Tensor | None] = [None] * B
     rotary_cache: dict[tuple[int, ...], Any] = {}
     for idx, layer in enumerate(lm.layers):
