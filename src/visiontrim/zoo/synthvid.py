@@ -2,7 +2,7 @@
 
 Every example is a pure function of one integer seed: a 16-frame, 64×64 RGB clip and a
 question with a one-word answer. The frame is laid out as a 4×4 grid of 16-pixel cells and
-every shape (12 pixels, jittered inside its cell) sits in one cell, so one shape covers one
+every shape (12 pixels, jittered by up to a pixel around the cell's centre) sits in one cell, so one shape covers one
 visual token of a LLaVA-OneVision model with 8-pixel patches and 2×2 pooling.
 
 Question families (``FAMILIES``), each answered by one word:
@@ -213,7 +213,9 @@ def _masks() -> dict[str, np.ndarray]:
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
     c = n / 2
     circle = (yy - c) ** 2 + (xx - c) ** 2 <= (n / 2 - 0.3) ** 2
-    square = (np.abs(yy - c) <= n / 2 - 1.0) & (np.abs(xx - c) <= n / 2 - 1.0)
+    # The square fills its box: its area (144 px) then differs clearly from the disc's (~102 px),
+    # which a 2-layer vision tower with 8-pixel patches otherwise learns to tell apart slowly.
+    square = np.ones((n, n), bool)
     # Upward triangle: apex at the top centre, base along the bottom row.
     triangle = (yy >= 0.5) & (np.abs(xx - c) <= (yy / n) * (n / 2))
     arm = n / 6
@@ -248,10 +250,14 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return base[None, None, :] + texture[:, :, None] + noise
 
 
+#: How far (pixels) a shape is jittered around the centre of its cell, each frame.
+JITTER = 1
+
+
 def _box(cell: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
-    slack = CELL - OBJECT
-    y = cell[0] * CELL + int(rng.integers(0, slack + 1))
-    x = cell[1] * CELL + int(rng.integers(0, slack + 1))
+    centre = (CELL - OBJECT) // 2
+    y = cell[0] * CELL + centre + int(rng.integers(-JITTER, JITTER + 1))
+    x = cell[1] * CELL + centre + int(rng.integers(-JITTER, JITTER + 1))
     return (y, x, OBJECT, OBJECT)
 
 
