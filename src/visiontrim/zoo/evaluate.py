@@ -140,7 +140,6 @@ def score(examples: Sequence[synthvid.Example], answers: Iterable[str]) -> Score
 
 def evaluate_dir(path: str | Path, n: int = 1000, seed: int = 0, batch_size: int = 25) -> dict[str, Any]:
     """Score the model in ``path`` on ``n`` held-out questions, with the real and with blank clips; prints a summary."""
-    import torch
     from tqdm.auto import tqdm
 
     model, processor = load_model(path)
@@ -152,7 +151,6 @@ def evaluate_dir(path: str | Path, n: int = 1000, seed: int = 0, batch_size: int
             answers = answer(model, processor, examples, batch_size=batch_size, blank=blank, on_batch=bar.update)
         result[label] = score(examples, answers).as_dict()
     result["seconds"] = round(time.perf_counter() - began, 1)
-    del torch
     for label in ("video", "blank"):
         s = result[label]
         fams = ", ".join(f"{f} {v['accuracy']:.3f}" for f, v in s["families"].items())

@@ -7,13 +7,15 @@
 * Seeded and reproducible: the weights are initialised from ``--seed`` and the examples of
   step ``s`` are a pure function of ``(--seed, s)``, so a run resumed from a checkpoint
   (``--resume``) continues exactly as if it had never stopped.
-* Loss: cross-entropy on the answer word and the end-of-turn token only, plus an auxiliary
-  per-visual-token losses: a linear probe on the projector output (colour × shape of the shape
-  in the token's cell, the cell's row and column; the probe is thrown away after training),
-  and the decoder's own output at each visual position predicting the colour and shape words
-  of what is there; and the attention of one head in three decoder layers from the answer
-  position, guided onto the tokens that hold the answer. They make the vision side and the decoder's reading of it learn in minutes
-  rather than hours; the model that ships is the plain LLaVA-OneVision architecture.
+* Loss: cross-entropy on the answer word and the end-of-turn token, plus training-only aids
+  that make the vision side and the decoder's reading of it learn in minutes rather than
+  hours: a linear probe on the projector output (colour × shape of the shape in the token's
+  cell, the cell's row and column; the probe is thrown away after training); the decoder's own
+  output at each visual token predicting the words that describe what is there (colour, shape,
+  place, how many times it has appeared so far, :func:`token_words`); and the attention of one
+  head in three decoder layers from the answer position, guided onto the tokens that hold the
+  answer (:func:`attention_targets`). The model that ships is the plain LLaVA-OneVision
+  architecture.
 * Inputs go through the model's own processor and chat template, exactly as at inference.
 """
 
@@ -25,7 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,6 +43,7 @@ class TrainConfig(argparse.Namespace):
     """Parsed ``train`` arguments (see :func:`build_parser`)."""
 
     steps: int
+    vision_steps: int
     batch_size: int
     lr: float
     warmup: int
@@ -54,6 +57,25 @@ class TrainConfig(argparse.Namespace):
     resume: bool
     eval_n: int
     threads: int
+    family_weights: list[float] | None
+
+
+#: How often each family is drawn in training (count and the one-among-distractors families,
+#: which the decoder learns last, more often).
+FAMILY_WEIGHTS = (1.0, 2.5, 1.0, 1.5, 1.5)
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(synthvid.FAMILIES) or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected {len(synthvid.FAMILIES)} non-negative comma-separated numbers "
+            f"(one per family: {','.join(synthvid.FAMILIES)}), got {text!r}"
+        )
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,13 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m visiontrim.zoo.train",
         description="Train the embedded tiny LLaVA-OneVision on synthetic video QA (CPU, from scratch).",
     )
-    parser.add_argument("--steps", type=int, default=1600, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--vision-steps", type=int, default=300,
+                        help="first, steps that train only the vision tower and projector on the per-token probe "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3300, help="then, steps that train the whole model (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--aux-weight", type=float, default=0.5,
-                        help="weight of the per-token probe loss (default: %(default)s)")
+                        help="weight of the per-token losses: the projector probe and the decoder's words at visual tokens (default: %(default)s)")
     parser.add_argument("--focus-weight", type=float, default=0.5,
                         help="weight of the attention-guidance loss (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: %(default)s)")
@@ -78,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     parser.add_argument("--eval-n", type=int, default=200,
                         help="held-out questions answered with generate at the end (0: skip; default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--family-weights", type=_weights, default=list(FAMILY_WEIGHTS), metavar="W,W,W,W,W",
+                        help="how often each family is drawn, in the order "
+                        f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     return parser
 
 
@@ -87,10 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def step_seeds(seed: int, step: int, batch_size: int) -> list[int]:
-    """Training example seeds of ``step`` (a pure function of ``(seed, step)``, all below the held-out range)."""
+def step_seeds(seed: int, step: int, batch_size: int, weights: Sequence[float] | None = None) -> list[int]:
+    """Training example seeds of ``step`` (a pure function of ``(seed, step)``, all below the held-out range).
+
+    ``weights`` (one per family of :data:`synthvid.FAMILIES`) sets how often each family is
+    drawn; ``None`` draws them equally. The answer within a family stays uniform.
+    """
     rng = np.random.default_rng([seed, step, 7])
-    return [int(s) for s in rng.integers(0, synthvid.HELDOUT_START, size=batch_size)]
+    n_fam = len(synthvid.FAMILIES)
+    if weights is None:
+        return [int(s) for s in rng.integers(0, synthvid.HELDOUT_START, size=batch_size)]
+    p = np.asarray(weights, np.float64)
+    families = rng.choice(n_fam, size=batch_size, p=p / p.sum())
+    bases = rng.integers(0, synthvid.HELDOUT_START // n_fam, size=batch_size)
+    return [int(b) * n_fam + int(f) for b, f in zip(bases, families)]
 
 
 def cell_targets(example: synthvid.Example) -> np.ndarray:
@@ -106,12 +144,58 @@ def cell_targets(example: synthvid.Example) -> np.ndarray:
     return out
 
 
+#: The place word of a cell (the two middle cells of each edge), as ``position`` answers use it.
+_PLACE_OF = {cell: place for place, cells in synthvid.REST_CELLS.items() for cell in cells}
+
+#: Words the decoder is taught to emit at each visual token that holds a shape.
+TOKEN_WORDS = ("colour", "shape", "place", "count")
+
+
+def token_words(example: synthvid.Example) -> list[list[str | None]]:
+    """Per visual token (frame-major, ``T·16``), the words that describe what is there.
+
+    For a token holding a shape: its colour, its shape, its place word if the cell is the
+    middle of an edge, and how many times a shape of that colour and kind has appeared so far
+    (runs of consecutive frames up to and including this one, as a number word). The count is
+    given only where counting matters — shapes that appear more than once, and the shape a
+    ``count`` question asks about — and up to four; otherwise the ever-present "one" would
+    swamp it. ``None`` where a word does not apply (empty cells hold no words).
+    """
+    grid = synthvid.GRID
+    present: dict[tuple[str, str], list[bool]] = {}
+    for t, row in enumerate(example.objects):
+        for obj in row:
+            present.setdefault((obj.colour, obj.shape), [False] * synthvid.FRAMES)[t] = True
+    runs: dict[tuple[str, str], list[int]] = {}
+    for key, seen in present.items():
+        count, out = 0, []
+        for t, here in enumerate(seen):
+            if here and (t == 0 or not seen[t - 1]):
+                count += 1
+            out.append(count)
+        runs[key] = out
+    counted = {key for key, out in runs.items() if out[-1] >= 2}
+    if example.family == "count":
+        counted |= {(o.colour, o.shape) for row in example.objects for o in row if o.name == "target"}
+    words: list[list[str | None]] = [[None] * len(TOKEN_WORDS) for _ in range(synthvid.FRAMES * grid * grid)]
+    for t, row in enumerate(example.objects):
+        for obj in row:
+            k = runs[(obj.colour, obj.shape)][t]
+            counts = (obj.colour, obj.shape) in counted and k <= len(synthvid.NUMBERS)
+            number = synthvid.NUMBERS[k - 1] if counts else None
+            words[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = [
+                obj.colour, obj.shape, _PLACE_OF.get(obj.cell), number
+            ]
+    return words
+
+
 def make_batch(processor: Any, examples: list[synthvid.Example]) -> dict[str, Any]:
     """Processor inputs for ``examples`` with their answers appended, plus the training targets.
 
     Returns the processor's tensors (left padded) and ``position_ids`` (mask-aware, as
-    ``generate`` uses), ``answer_ids`` ``[B, 2]`` (answer word, end of turn) and
-    ``cells`` ``[B, T, 16]``.
+    ``generate`` uses), ``answer_ids`` ``[B, 2]`` (answer word, end of turn), ``cells``
+    ``[B, T, 16]``, ``cell_words`` ``[B, T·16, 4]`` (token ids of :func:`token_words`, -100 where
+    none) and ``attend`` ``[B, T·16]`` (:func:`attention_targets`).
     """
     import torch
 
@@ -122,39 +206,39 @@ def make_batch(processor: Any, examples: list[synthvid.Example]) -> dict[str, An
     batch["answer_ids"] = batch["input_ids"][:, -2:].clone()
     cells = np.stack([cell_targets(e) for e in examples])
     batch["cells"] = torch.from_numpy(cells)
-    batch["cell_words"] = torch.from_numpy(_cell_words(processor.tokenizer, cells))
+    vocab = processor.tokenizer.get_vocab()
+    ids = np.array(
+        [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
+        np.int64,
+    )
+    batch["cell_words"] = torch.from_numpy(ids)
     batch["attend"] = torch.from_numpy(np.stack([attention_targets(e) for e in examples]))
     return batch
 
 
 def attention_targets(example: synthvid.Example) -> np.ndarray:
-    """Visual tokens that hold the answer: bool ``[T·16]`` (all False for ``count``).
+    """Visual tokens that hold the answer: bool ``[T·16]``.
 
     ``needle``: the brief shape; ``order``: the shape that came first; ``position``: the target
-    in the last three frames; ``attribute``: the target.
+    in the last three frames; ``attribute``: the target; ``count``: the target during its last
+    appearance (whose tokens carry the count so far, see :func:`token_words`).
     """
     grid = synthvid.GRID
     out = np.zeros(synthvid.FRAMES * grid * grid, bool)
-    name = {"needle": "needle", "order": "first", "position": "target", "attribute": "target"}.get(example.family)
-    if name is None:
-        return out
-    first = synthvid.FRAMES - 3 if example.family == "position" else 0
+    name = {"needle": "needle", "order": "first", "position": "target", "attribute": "target",
+            "count": "target"}[example.family]
+    first = 0
+    if example.family == "position":
+        first = synthvid.FRAMES - 3
+    elif example.family == "count":
+        seen = [any(o.name == name for o in row) for row in example.objects]
+        starts = [t for t, here in enumerate(seen) if here and (t == 0 or not seen[t - 1])]
+        first = starts[-1]
     for t, row in enumerate(example.objects):
         for obj in row:
             if obj.name == name and t >= first:
                 out[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = True
     return out
-
-
-def _cell_words(tokenizer: Any, cells: np.ndarray) -> np.ndarray:
-    """Token ids of the colour and shape words of each cell class: int64 ``[B, T·16, 2]``, -100 where empty."""
-    colours = list(synthvid.COLOURS)
-    n_shapes = len(synthvid.SHAPES)
-    table = np.full((_N_CLASSES, 2), -100, np.int64)
-    for c in range(1, _N_CLASSES):
-        colour, shape = colours[(c - 1) // n_shapes], synthvid.SHAPES[(c - 1) % n_shapes]
-        table[c] = tokenizer.convert_tokens_to_ids([colour, shape])
-    return table[cells.reshape(cells.shape[0], -1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +285,9 @@ class _Probe:
 
 
 def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> Any:
-    """Cross-entropy of the language model's output at each visual token against the words naming
-    what is in its cell (colour and shape; ``cell_words`` ``[B, T·16, 2]``, -100 where empty).
+    """Cross-entropy of the language model's output at each visual token against the words
+    describing what is in its cell (``cell_words`` ``[B, T·16, K]``, -100 where none; see
+    :func:`token_words`).
 
     This teaches the decoder to carry "what is here" in word space at the visual positions, which
     the answer position then only has to find and copy.
@@ -242,6 +327,10 @@ def _attention_loss(attentions: Any, input_ids: Any, attend: Any, video_id: int)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of ``step``: linear warm-up within each stage, then cosine decay over the second."""
+    if step < cfg.vision_steps:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    step -= cfg.vision_steps
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -251,6 +340,25 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 def _latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     return found[-1] if found else None
+
+
+def _checkpoint(cfg: TrainConfig, directory: Path, done: int, model: Any, probe: _Probe, optimizer: Any) -> None:
+    """Save a checkpoint after step ``done`` when due (every ``--checkpoint-every`` steps and at the end)."""
+    import torch
+
+    total = cfg.vision_steps + cfg.steps
+    if cfg.checkpoint_every <= 0 or not (done % cfg.checkpoint_every == 0 or done == total):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{done}.pt"
+    torch.save(
+        {"model": model.state_dict(), "probe": probe.head.state_dict(), "optimizer": optimizer.state_dict(),
+         "step": done, "config": vars(cfg)},
+        path,
+    )
+    for old in directory.glob("step-*.pt"):
+        if old != path:
+            old.unlink()
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -287,14 +395,32 @@ def train(cfg: TrainConfig) -> Path:
             print(f"resumed from {latest} (step {start})", file=sys.stderr)
 
     video_id = int(model.config.video_token_index)
-    bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    total = cfg.vision_steps + cfg.steps
+    bar = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     ema_loss, ema_acc = None, None
+    family_acc: dict[str, float | None] = dict.fromkeys(synthvid.FAMILIES)
     began = time.perf_counter()
     for step in bar:
-        examples = [synthvid.make_example(s) for s in step_seeds(cfg.seed, step, cfg.batch_size)]
-        batch = make_batch(processor, examples)
+        examples = [synthvid.make_example(s) for s in step_seeds(cfg.seed, step, cfg.batch_size, cfg.family_weights)]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
+        if step < cfg.vision_steps:
+            # Stage 1: the vision tower and projector alone learn what each token holds.
+            pixels = processor.video_processor(videos=[e.frames for e in examples], return_tensors="pt")
+            model.model.get_video_features(
+                pixels["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            )
+            cells = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
+            aux = probe.loss(cells)
+            optimizer.zero_grad(set_to_none=True)
+            aux.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            bar.set_postfix(stage="vision", probe=f"{float(aux.detach()):.3f}")
+            _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
+            continue
+        batch = make_batch(processor, examples)
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -304,7 +430,8 @@ def train(cfg: TrainConfig) -> Path:
         )
         logits = out.logits[:, -3:-1].float()  # predicting the answer word and the end of turn
         targets = batch["answer_ids"]
-        answer_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # summed over the two tokens, so the answer word weighs as much as each auxiliary loss
+        answer_loss = 2 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux = probe.loss(batch["cells"])
         words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
         focus = _attention_loss(out.attentions, batch["input_ids"], batch["attend"], video_id)
@@ -313,30 +440,27 @@ def train(cfg: TrainConfig) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        acc = float((logits[:, 0].argmax(-1) == targets[:, 0]).float().mean())
+        hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()
+        for example, hit in zip(examples, hits):
+            old = family_acc[example.family]
+            family_acc[example.family] = float(hit) if old is None else 0.98 * old + 0.02 * float(hit)
+        acc = float(np.mean(hits))
         value = float(answer_loss.detach())
         ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(loss=f"{ema_loss:.3f}", aux=f"{float(aux.detach()):.3f}", acc=f"{ema_acc:.3f}")
-        done = step + 1
-        if cfg.checkpoint_every > 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            path = ckpt_dir / f"step-{done}.pt"
-            torch.save(
-                {"model": model.state_dict(), "probe": probe.head.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": done, "config": vars(cfg)},
-                path,
-            )
-            for old in ckpt_dir.glob("step-*.pt"):
-                if old != path:
-                    old.unlink()
+        bar.set_postfix(loss=f"{ema_loss:.3f}", words=f"{float(words.detach()):.3f}", acc=f"{ema_acc:.3f}")
+        if (step + 1) % 100 == 0:
+            per_family = " ".join(f"{f}={a:.2f}" for f, a in family_acc.items() if a is not None)
+            bar.write(f"step {step + 1}: answer loss {ema_loss:.3f}, running accuracy {ema_acc:.3f} ({per_family})",
+                      file=sys.stderr)
+        _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
     bar.close()
     probe.hook.remove()
     model.set_attn_implementation("sdpa")
     model.eval()
     out_dir = save_model(model, processor, cfg.out)
     elapsed = time.perf_counter() - began
-    print(f"trained {cfg.steps - start} steps in {elapsed / 60:.1f} min; wrote {out_dir}", file=sys.stderr)
+    print(f"trained {total - start} steps in {elapsed / 60:.1f} min; wrote {out_dir}", file=sys.stderr)
     if cfg.eval_n > 0:
         from .evaluate import evaluate_dir
 
