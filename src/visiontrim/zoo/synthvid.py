@@ -2,8 +2,9 @@
 
 Every example is a pure function of one integer seed: a 16-frame, 64×64 RGB clip and a
 question with a one-word answer. The frame is laid out as a 4×4 grid of 16-pixel cells and
-every shape (12 pixels, jittered by up to a pixel around the cell's centre) sits in one cell, so one shape covers one
-visual token of a LLaVA-OneVision model with 8-pixel patches and 2×2 pooling.
+every shape (12 pixels, jittered by up to a pixel around the cell's centre) sits in one cell,
+so one shape covers one visual token of a LLaVA-OneVision model with 8-pixel patches and 2×2
+pooling.
 
 Question families (``FAMILIES``), each answered by one word:
 
