@@ -86,13 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-steps", type=int, default=300,
                         help="first, steps that train only the vision tower and projector on the per-token probe "
                         "(default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=3300, help="then, steps that train the whole model (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3300,
+                        help="then, steps that train the whole model (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     parser.add_argument("--aux-weight", type=float, default=0.5,
-                        help="weight of the per-token losses: the projector probe and the decoder's words at visual tokens (default: %(default)s)")
+                        help="weight of the per-token losses: the projector probe and the decoder's words at "
+                        "visual tokens (default: %(default)s)")
     parser.add_argument("--focus-weight", type=float, default=0.5,
                         help="weight of the attention-guidance loss (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: %(default)s)")
