@@ -153,6 +153,16 @@ _PLACE_OF = {cell: place for place, cells in synthvid.REST_CELLS.items() for cel
 TOKEN_WORDS = ("colour", "shape", "place", "count")
 
 
+def _runs_so_far(seen: list[bool]) -> list[int]:
+    """Per frame, how many runs of consecutive ``seen`` frames have started up to and including it."""
+    count, out = 0, []
+    for t, here in enumerate(seen):
+        if here and (t == 0 or not seen[t - 1]):
+            count += 1
+        out.append(count)
+    return out
+
+
 def token_words(example: synthvid.Example) -> list[list[str | None]]:
     """Per visual token (frame-major, ``T·16``), the words that describe what is there.
 
@@ -168,14 +178,7 @@ def token_words(example: synthvid.Example) -> list[list[str | None]]:
     for t, row in enumerate(example.objects):
         for obj in row:
             present.setdefault((obj.colour, obj.shape), [False] * synthvid.FRAMES)[t] = True
-    runs: dict[tuple[str, str], list[int]] = {}
-    for key, seen in present.items():
-        count, out = 0, []
-        for t, here in enumerate(seen):
-            if here and (t == 0 or not seen[t - 1]):
-                count += 1
-            out.append(count)
-        runs[key] = out
+    runs = {key: _runs_so_far(seen) for key, seen in present.items()}
     counted = {key for key, out in runs.items() if out[-1] >= 2}
     if example.family == "count":
         counted |= {(o.colour, o.shape) for row in example.objects for o in row if o.name == "target"}
@@ -233,9 +236,8 @@ def attention_targets(example: synthvid.Example) -> np.ndarray:
     if example.family == "position":
         first = synthvid.FRAMES - 3
     elif example.family == "count":
-        seen = [any(o.name == name for o in row) for row in example.objects]
-        starts = [t for t, here in enumerate(seen) if here and (t == 0 or not seen[t - 1])]
-        first = starts[-1]
+        runs = _runs_so_far([any(o.name == name for o in row) for row in example.objects])
+        first = runs.index(runs[-1])  # where the last appearance starts
     for t, row in enumerate(example.objects):
         for obj in row:
             if obj.name == name and t >= first:
