@@ -11,7 +11,8 @@ Question families (``FAMILIES``), each answered by one word:
 * ``needle`` — *what shape appeared only briefly?* One shape is drawn in exactly one frame;
   1–3 other shapes, of other kinds, are in every frame.
 * ``count`` — *how many times did the red circle appear?* The target shows up 1–4 times, two
-  consecutive frames each time, at a new cell each time, among distractors.
+  consecutive frames each time, at a new cell each time, among distractors that either stay
+  throughout or come and go the same way.
 * ``order`` — *which appeared first, the circle or the square?* Two shapes appear one after
   the other (disjoint in time); distractors stay throughout.
 * ``position`` — *where was the blue cross at the end?* The target wanders and comes to rest
@@ -416,8 +417,8 @@ def _count(rng: np.random.Generator, answer: str, board: _Board) -> tuple[str, l
     for i, (c, s) in enumerate(_distinct_pairs(rng, n_distractors, {(colour, shape)})):
         if rng.random() < 0.5:
             frames = ALL
-        else:  # a blinking distractor: visible in a random subset of frames
-            frames = [t for t in ALL if rng.random() < 0.5] or [int(rng.integers(FRAMES))]
+        else:  # a blinking distractor: it comes and goes like the target, 2-4 times
+            frames = [t for run in _count_runs(rng, int(rng.integers(2, len(NUMBERS) + 1))) for t in run]
         tracks.append(_track(f"d{i}", c, s, _walk(rng, board, frames), rng))
     return f"how many times did the {colour} {shape} appear ?", tracks, 0
 

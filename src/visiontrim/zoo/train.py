@@ -7,14 +7,23 @@
 * Seeded and reproducible: the weights are initialised from ``--seed`` and the examples of
   step ``s`` are a pure function of ``(--seed, s)``, so a run resumed from a checkpoint
   (``--resume``) continues exactly as if it had never stopped.
-* Loss: cross-entropy on the answer word and the end-of-turn token, plus training-only aids
+* Two stages: the vision tower and projector first learn alone (``--vision-steps``) from a
+  per-token probe; then the whole model trains, with the vision tower fixed by default
+  (``--freeze-vision``; it is done by then, and not back-propagating through it makes each step
+  about a quarter cheaper).
+* Each clip is one conversation: the example's own question first, exactly as asked at
+  inference, then ``--extra-questions`` more about the same clip, phrased as the ``count``,
+  ``attribute`` and ``position`` families phrase them (:func:`extra_turns`). They cost a dozen
+  tokens each next to the clip's 257, so one step teaches several answers.
+* Loss: cross-entropy on each answer word and its end-of-turn token, plus training-only aids
   that make the vision side and the decoder's reading of it learn in minutes rather than
   hours: a linear probe on the projector output (colour × shape of the shape in the token's
   cell, the cell's row and column; the probe is thrown away after training); the decoder's own
   output at each visual token predicting the words that describe what is there (colour, shape,
-  place, how many times it has appeared so far, :func:`token_words`); and the attention of one
-  head in three decoder layers from the answer position, guided onto the tokens that hold the
-  answer (:func:`attention_targets`). The model that ships is the plain LLaVA-OneVision
+  place, :func:`token_words`); and the attention of one head in three decoder layers from each
+  answer position, guided onto the tokens that hold the answer (:func:`attention_targets`; for
+  ``count``, another head, spread over every frame of the asked-for shape and the first token,
+  so the share it reads grows with the count). The model that ships is the plain LLaVA-OneVision
   architecture.
 * Inputs go through the model's own processor and chat template, exactly as at inference.
 """
@@ -26,6 +35,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +60,8 @@ class TrainConfig(argparse.Namespace):
     weight_decay: float
     aux_weight: float
     focus_weight: float
+    extra_questions: int
+    freeze_vision: bool
     seed: int
     out: str
     checkpoint_dir: str
@@ -60,9 +72,9 @@ class TrainConfig(argparse.Namespace):
     family_weights: list[float] | None
 
 
-#: How often each family is drawn in training (count and the one-among-distractors families,
-#: which the decoder learns last, more often).
-FAMILY_WEIGHTS = (1.0, 2.5, 1.0, 1.5, 1.5)
+#: How often each family is drawn in training (count, which the decoder learns last, most often;
+#: attribute, which the extra questions teach too, least).
+FAMILY_WEIGHTS = (1.0, 3.0, 1.2, 1.2, 0.8)
 
 
 def _weights(text: str) -> list[float]:
@@ -78,15 +90,32 @@ def _weights(text: str) -> list[float]:
     return values
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m visiontrim.zoo.train",
         description="Train the embedded tiny LLaVA-OneVision on synthetic video QA (CPU, from scratch).",
     )
-    parser.add_argument("--vision-steps", type=int, default=300,
+    parser.add_argument("--vision-steps", type=int, default=500,
                         help="first, steps that train only the vision tower and projector on the per-token probe "
                         "(default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=3300,
+    parser.add_argument("--steps", type=int, default=2700,
                         help="then, steps that train the whole model (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
@@ -97,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "visual tokens (default: %(default)s)")
     parser.add_argument("--focus-weight", type=float, default=0.5,
                         help="weight of the attention-guidance loss (default: %(default)s)")
+    parser.add_argument("--extra-questions", type=_count, default=2,
+                        help="more questions asked about each clip in the same conversation, after its own "
+                        "(count, attribute and position questions about its other shapes; default: %(default)s)")
+    parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the vision tower fixed after the vision-only steps; the projector still "
+                        "learns (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: %(default)s)")
     parser.add_argument("--out", default=str(EMBEDDED_DIR), help="output directory (default: the package's embedded/)")
     parser.add_argument("--checkpoint-dir", default="train-checkpoints",
@@ -108,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family-weights", type=_weights, default=list(FAMILY_WEIGHTS), metavar="W,W,W,W,W",
                         help="how often each family is drawn, in the order "
                         f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
     return parser
 
 
@@ -150,99 +185,167 @@ def cell_targets(example: synthvid.Example) -> np.ndarray:
 _PLACE_OF = {cell: place for place, cells in synthvid.REST_CELLS.items() for cell in cells}
 
 #: Words the decoder is taught to emit at each visual token that holds a shape.
-TOKEN_WORDS = ("colour", "shape", "place", "count")
-
-
-def _runs_so_far(seen: list[bool]) -> list[int]:
-    """Per frame, how many runs of consecutive ``seen`` frames have started up to and including it."""
-    count, out = 0, []
-    for t, here in enumerate(seen):
-        if here and (t == 0 or not seen[t - 1]):
-            count += 1
-        out.append(count)
-    return out
+TOKEN_WORDS = ("colour", "shape", "place")
 
 
 def token_words(example: synthvid.Example) -> list[list[str | None]]:
     """Per visual token (frame-major, ``T·16``), the words that describe what is there.
 
-    For a token holding a shape: its colour, its shape, its place word if the cell is the
-    middle of an edge, and how many times a shape of that colour and kind has appeared so far
-    (runs of consecutive frames up to and including this one, as a number word). The count is
-    given only where counting matters — shapes that appear more than once, and the shape a
-    ``count`` question asks about — and up to four; otherwise the ever-present "one" would
-    swamp it. ``None`` where a word does not apply (empty cells hold no words).
+    For a token holding a shape: its colour, its shape and its place word if the cell is the
+    middle of an edge. ``None`` where a word does not apply (empty cells hold no words).
     """
     grid = synthvid.GRID
-    present: dict[tuple[str, str], list[bool]] = {}
-    for t, row in enumerate(example.objects):
-        for obj in row:
-            present.setdefault((obj.colour, obj.shape), [False] * synthvid.FRAMES)[t] = True
-    runs = {key: _runs_so_far(seen) for key, seen in present.items()}
-    counted = {key for key, out in runs.items() if out[-1] >= 2}
-    if example.family == "count":
-        counted |= {(o.colour, o.shape) for row in example.objects for o in row if o.name == "target"}
     words: list[list[str | None]] = [[None] * len(TOKEN_WORDS) for _ in range(synthvid.FRAMES * grid * grid)]
     for t, row in enumerate(example.objects):
         for obj in row:
-            k = runs[(obj.colour, obj.shape)][t]
-            counts = (obj.colour, obj.shape) in counted and k <= len(synthvid.NUMBERS)
-            number = synthvid.NUMBERS[k - 1] if counts else None
-            words[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = [
-                obj.colour, obj.shape, _PLACE_OF.get(obj.cell), number
-            ]
+            words[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = [obj.colour, obj.shape, _PLACE_OF.get(obj.cell)]
     return words
 
 
-def make_batch(processor: Any, examples: list[synthvid.Example]) -> dict[str, Any]:
-    """Processor inputs for ``examples`` with their answers appended, plus the training targets.
+@dataclass(frozen=True)
+class Turn:
+    """One question-and-answer turn of a training conversation about one clip.
 
-    Returns the processor's tensors (left padded) and ``position_ids`` (mask-aware, as
-    ``generate`` uses), ``answer_ids`` ``[B, 2]`` (answer word, end of turn), ``cells``
-    ``[B, T, 16]``, ``cell_words`` ``[B, T·16, 4]`` (token ids of :func:`token_words`, -100 where
-    none) and ``attend`` ``[B, T·16]`` (:func:`attention_targets`).
+    ``attend``: bool ``[T·16]``, the visual tokens that hold the answer (guidance targets);
+    ``sink``: weight of the conversation's first token in the guided attention (``count`` only,
+    see :func:`attention_targets`).
     """
-    import torch
 
-    texts = [prompt_for(processor, e.question) + e.answer + "<|im_end|>" for e in examples]
-    batch = processor(text=texts, videos=[e.frames for e in examples], return_tensors="pt", padding=True)
-    mask = batch["attention_mask"]
-    batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    batch["answer_ids"] = batch["input_ids"][:, -2:].clone()
-    cells = np.stack([cell_targets(e) for e in examples])
-    batch["cells"] = torch.from_numpy(cells)
-    vocab = processor.tokenizer.get_vocab()
-    ids = np.array(
-        [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
-        np.int64,
-    )
-    batch["cell_words"] = torch.from_numpy(ids)
-    batch["attend"] = torch.from_numpy(np.stack([attention_targets(e) for e in examples]))
-    return batch
+    question: str
+    answer: str
+    attend: np.ndarray
+    sink: float = 0.0
+
+
+#: Guided-attention weight of the first token for ``count`` questions, relative to one
+#: appearance-frame of the target (see :func:`attention_targets`).
+COUNT_SINK = 4.0
 
 
 def attention_targets(example: synthvid.Example) -> np.ndarray:
     """Visual tokens that hold the answer: bool ``[T·16]``.
 
     ``needle``: the brief shape; ``order``: the shape that came first; ``position``: the target
-    in the last three frames; ``attribute``: the target; ``count``: the target during its last
-    appearance (whose tokens carry the count so far, see :func:`token_words`).
+    in the last three frames; ``attribute``: the target; ``count``: the target in every frame it
+    is in (each appearance lasts two frames, so the number of these tokens is twice the answer;
+    the guided head shares its attention between them and the first token, in proportion
+    2·count : :data:`COUNT_SINK`, so what it reads grows with the count).
     """
-    grid = synthvid.GRID
-    out = np.zeros(synthvid.FRAMES * grid * grid, bool)
     name = {"needle": "needle", "order": "first", "position": "target", "attribute": "target",
             "count": "target"}[example.family]
-    first = 0
-    if example.family == "position":
-        first = synthvid.FRAMES - 3
-    elif example.family == "count":
-        runs = _runs_so_far([any(o.name == name for o in row) for row in example.objects])
-        first = runs.index(runs[-1])  # where the last appearance starts
+    first = synthvid.FRAMES - 3 if example.family == "position" else 0
+    return _track_tokens(example, lambda o: o.name == name, first)
+
+
+def _track_tokens(example: synthvid.Example, match: Any, first: int = 0) -> np.ndarray:
+    grid = synthvid.GRID
+    out = np.zeros(synthvid.FRAMES * grid * grid, bool)
     for t, row in enumerate(example.objects):
         for obj in row:
-            if obj.name == name and t >= first:
+            if t >= first and match(obj):
                 out[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = True
     return out
+
+
+def extra_turns(example: synthvid.Example, n: int) -> list[Turn]:
+    """Up to ``n`` more questions about the same clip, phrased and answered exactly as the
+    ``count``, ``attribute`` and ``position`` families would (a pure function of the example's
+    seed).
+
+    Asked about every shape that comes and goes in two-frame appearances as ``count`` targets do
+    (these first: counting is learnt last), every shape whose colour (or kind) no other shape in
+    the clip shares, and every shape that ends the clip resting on the middle of an edge for
+    three frames. They cost a dozen tokens each next to the clip's 257 visual tokens, so each
+    step teaches several answers.
+    """
+    if n <= 0:
+        return []
+    pairs = sorted({(o.colour, o.shape) for row in example.objects for o in row})
+    colours = [c for c, _ in pairs]
+    shapes = [s for _, s in pairs]
+    last = example.objects[-3:]
+    counts: list[Turn] = []
+    others: list[Turn] = []
+    for colour, shape in pairs:
+        def same(o: synthvid.ObjectFrame, c: str = colour, s: str = shape) -> bool:
+            return o.colour == c and o.shape == s
+
+        tokens = _track_tokens(example, same)
+        per_frame = [sum(same(o) for o in row) for row in example.objects]
+        starts = [t for t in range(synthvid.FRAMES) if per_frame[t] and (t == 0 or not per_frame[t - 1])]
+        # every appearance exactly two frames: each run has a second frame, and there are no more
+        if (max(per_frame) == 1 and 1 <= len(starts) <= len(synthvid.NUMBERS) and sum(per_frame) == 2 * len(starts)
+                and all(t + 1 < synthvid.FRAMES and per_frame[t + 1] for t in starts)):
+            counts.append(Turn(f"how many times did the {colour} {shape} appear ?", synthvid.NUMBERS[len(starts) - 1],
+                               tokens, COUNT_SINK))
+        if shapes.count(shape) == 1:
+            others.append(Turn(f"what colour is the {shape} ?", colour, tokens))
+        if colours.count(colour) == 1:
+            others.append(Turn(f"what shape is the {colour} object ?", shape, tokens))
+        ends = [[o.cell for o in row if same(o)] for row in last]
+        if all(len(e) == 1 for e in ends) and len({e[0] for e in ends}) == 1 and ends[0][0] in _PLACE_OF:
+            others.append(Turn(f"where was the {colour} {shape} at the end ?", _PLACE_OF[ends[0][0]],
+                               _track_tokens(example, same, synthvid.FRAMES - 3)))
+    rng = np.random.default_rng([example.seed, 11])
+    ordered = [group[int(i)] for group in (counts, others) for i in rng.permutation(len(group))]
+    return [turn for turn in ordered if turn.question != example.question][:n]
+
+
+def turns_for(example: synthvid.Example, extra: int = 0) -> list[Turn]:
+    """The example's own question first (exactly as asked at inference), then :func:`extra_turns`."""
+    own = Turn(example.question, example.answer, attention_targets(example),
+               COUNT_SINK if example.family == "count" else 0.0)
+    return [own, *extra_turns(example, extra)]
+
+
+def conversation(processor: Any, turns: list[Turn]) -> str:
+    """The chat text of ``turns``: the first turn is exactly the inference prompt plus its answer."""
+    text = prompt_for(processor, turns[0].question) + turns[0].answer + "<|im_end|>"
+    for turn in turns[1:]:
+        text += f"\n<|im_start|>user\n{turn.question}<|im_end|>\n<|im_start|>assistant\n{turn.answer}<|im_end|>"
+    return text
+
+
+def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0) -> dict[str, Any]:
+    """Processor inputs for conversations about ``examples`` (each example's own question, then
+    up to ``extra`` more, :func:`turns_for`), with their answers, plus the training targets.
+
+    Returns the processor's tensors (left padded) and ``position_ids`` (mask-aware, as
+    ``generate`` uses), and per turn (``Q`` = most turns in the batch): ``answer_pos`` ``[B, Q]``
+    (the position whose next token is the answer word; -1 where a conversation has fewer turns),
+    ``answer_ids`` ``[B, Q]`` (the answer words, -100 where none), ``attend`` ``[B, Q, T·16]``
+    and ``sink`` ``[B, Q]`` (:class:`Turn`); and ``cells`` ``[B, T, 16]`` and ``cell_words``
+    ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100 where none).
+    """
+    import torch
+
+    convs = [turns_for(e, extra) for e in examples]
+    texts = [conversation(processor, turns) for turns in convs]
+    batch = processor(text=texts, videos=[e.frames for e in examples], return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    vocab = processor.tokenizer.get_vocab()
+    q = max(len(turns) for turns in convs)
+    b, n = len(examples), synthvid.FRAMES * synthvid.GRID * synthvid.GRID
+    answer_pos = torch.full((b, q), -1, dtype=torch.long)
+    answer_ids = torch.full((b, q), -100, dtype=torch.long)
+    attend = torch.zeros((b, q, n), dtype=torch.bool)
+    sink = torch.zeros((b, q))
+    for i, turns in enumerate(convs):
+        where = torch.nonzero(batch["input_ids"][i] == vocab["assistant"])[:, 0]
+        for j, turn in enumerate(turns):
+            answer_pos[i, j] = where[j]
+            answer_ids[i, j] = vocab[turn.answer]
+            attend[i, j] = torch.from_numpy(turn.attend)
+            sink[i, j] = turn.sink
+    batch.update(answer_pos=answer_pos, answer_ids=answer_ids, attend=attend, sink=sink)
+    batch["cells"] = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
+    ids = np.array(
+        [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
+        np.int64,
+    )
+    batch["cell_words"] = torch.from_numpy(ids)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,26 +410,48 @@ def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> A
 #: Decoder layers (and the one head in each) whose attention from the answer position is guided.
 GUIDED_LAYERS = (1, 2, 3)
 GUIDED_HEAD = 0
+#: The head guided for ``count`` questions instead: reading "how much of the target is there"
+#: wants a value that is the same for every kind of shape, while copying a colour or shape
+#: out of the target (every other family) wants the opposite, so one head cannot serve both.
+COUNT_HEAD = 1
 
 
-def _attention_loss(attentions: Any, input_ids: Any, attend: Any, video_id: int) -> Any:
-    """``-log`` of the attention mass that the answer position (third from last) puts on the
-    tokens holding the answer, for head :data:`GUIDED_HEAD` of the :data:`GUIDED_LAYERS`
-    (samples without targets are skipped). Speeds up learning where to look.
+def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int) -> Any:
+    """Guidance for head :data:`GUIDED_HEAD` of the :data:`GUIDED_LAYERS`, from each turn's
+    answer position (turns without targets are skipped).
+
+    Without a sink weight: ``-log`` of the attention mass on the tokens holding the answer.
+    With one (``count``, guided on :data:`COUNT_HEAD`): the cross-entropy of the attention
+    against the distribution that gives each target token weight 1 and the first token weight
+    ``sink``, so the share read from the targets encodes how many there are. Speeds up learning
+    where to look.
     """
     import torch
 
-    rows = attend.any(-1)
-    if not bool(rows.any()):
+    attend, sink, pos = batch["attend"], batch["sink"], batch["answer_pos"]
+    valid = (pos >= 0) & attend.any(-1)
+    if not bool(valid.any()):
         return attentions[0].new_zeros(())
-    b, n = attend.shape
-    is_video = input_ids == video_id
-    positions = torch.nonzero(is_video)[:, 1].view(b, n + 1)[:, :n]  # [B, n] sequence positions
+    b, q, n = attend.shape
+    length = attentions[0].shape[-1]
+    visual = torch.nonzero(batch["input_ids"] == video_id)[:, 1].view(b, n + 1)[:, :n]  # [B, n] positions
+    first = batch["attention_mask"].long().argmax(-1)  # first real token (left padding)
+    weights = attend.float()
+    total_weight = weights.sum(-1) + sink
+    index = pos.clamp(min=0).unsqueeze(-1).expand(b, q, length)
+
+    def rows_of(probs: Any) -> tuple[Any, Any]:  # [B, L, L] -> per turn, visual and first-token attention
+        rows = probs.gather(1, index)  # [B, Q, L]
+        vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
+        return vis, rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
+
     total = attentions[0].new_zeros(())
     for layer in GUIDED_LAYERS:
-        probs = attentions[layer][:, GUIDED_HEAD, -3, :]  # [B, L]
-        mass = (probs.gather(1, positions) * attend.float()).sum(-1)
-        total = total - torch.log(mass[rows].clamp_min(1e-6)).mean()
+        vis, _ = rows_of(attentions[layer][:, GUIDED_HEAD])
+        plain = -torch.log((vis * weights).sum(-1).clamp_min(1e-6))
+        vis, at_first = rows_of(attentions[layer][:, COUNT_HEAD])
+        spread = -((weights * vis.log()).sum(-1) + sink * at_first.log()) / total_weight.clamp_min(1e-6)
+        total = total + torch.where(sink > 0, spread, plain)[valid].mean()
     return total / len(GUIDED_LAYERS)
 
 
@@ -371,6 +496,9 @@ def train(cfg: TrainConfig) -> Path:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
@@ -398,7 +526,15 @@ def train(cfg: TrainConfig) -> Path:
             start = int(state["step"])
             print(f"resumed from {latest} (step {start})", file=sys.stderr)
 
+    def step_done(loss: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
+
     video_id = int(model.config.video_token_index)
+    end_id = int(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     total = cfg.vision_steps + cfg.steps
     bar = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     ema_loss, ema_acc = None, None
@@ -417,14 +553,12 @@ def train(cfg: TrainConfig) -> Path:
             )
             cells = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
             aux = probe.loss(cells)
-            optimizer.zero_grad(set_to_none=True)
-            aux.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            step_done(aux)
             bar.set_postfix(stage="vision", probe=f"{float(aux.detach()):.3f}")
-            _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
             continue
-        batch = make_batch(processor, examples)
+        if step == max(start, cfg.vision_steps):
+            model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
+        batch = make_batch(processor, examples, cfg.extra_questions)
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -432,19 +566,20 @@ def train(cfg: TrainConfig) -> Path:
             pixel_values_videos=batch["pixel_values_videos"],
             output_attentions=True,
         )
-        logits = out.logits[:, -3:-1].float()  # predicting the answer word and the end of turn
-        targets = batch["answer_ids"]
+        pos, targets = batch["answer_pos"].clamp(min=0), batch["answer_ids"]
+        asked = targets != -100
+        rows = torch.arange(len(examples)).unsqueeze(-1)
+        logits = out.logits[rows, pos].float()  # [B, Q, V] predicting each answer word
+        ends = out.logits[rows, pos + 1].float()[asked]  # ... and the end of its turn
         # summed over the two tokens, so the answer word weighs as much as each auxiliary loss
-        answer_loss = 2 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        answer_loss = F.cross_entropy(logits[asked], targets[asked]) + F.cross_entropy(
+            ends, ends.new_full((ends.shape[0],), end_id, dtype=torch.long)
+        )
         aux = probe.loss(batch["cells"])
         words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
-        focus = _attention_loss(out.attentions, batch["input_ids"], batch["attend"], video_id)
-        loss = answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()
+        focus = _attention_loss(out.attentions, batch, video_id)
+        step_done(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus)
+        hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()  # each example's own question
         for example, hit in zip(examples, hits):
             old = family_acc[example.family]
             family_acc[example.family] = float(hit) if old is None else 0.98 * old + 0.02 * float(hit)
@@ -457,7 +592,6 @@ def train(cfg: TrainConfig) -> Path:
             per_family = " ".join(f"{f}={a:.2f}" for f, a in family_acc.items() if a is not None)
             bar.write(f"step {step + 1}: answer loss {ema_loss:.3f}, running accuracy {ema_acc:.3f} ({per_family})",
                       file=sys.stderr)
-        _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
     bar.close()
     probe.hook.remove()
     model.set_attn_implementation("sdpa")
@@ -474,9 +608,6 @@ def train(cfg: TrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = build_parser().parse_args(argv, namespace=TrainConfig())
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
     return 0
