@@ -90,7 +90,7 @@ def _weights(text: str) -> list[float]:
     return values
 
 
-def _count(text: str) -> int:
+def _whole(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -101,7 +101,7 @@ def _count(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    value = _count(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "visual tokens (default: %(default)s)")
     parser.add_argument("--focus-weight", type=float, default=0.5,
                         help="weight of the attention-guidance loss (default: %(default)s)")
-    parser.add_argument("--extra-questions", type=_count, default=2,
+    parser.add_argument("--extra-questions", type=_whole, default=2,
                         help="more questions asked about each clip in the same conversation, after its own "
                         "(count, attribute and position questions about its other shapes; default: %(default)s)")
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
@@ -495,7 +495,6 @@ def train(cfg: TrainConfig) -> Path:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -526,12 +525,13 @@ def train(cfg: TrainConfig) -> Path:
             start = int(state["step"])
             print(f"resumed from {latest} (step {start})", file=sys.stderr)
 
-    def step_done(loss: Any) -> None:
+    def optimise(loss: Any, done: int) -> None:
+        """One optimiser step on ``loss``, then the checkpoint after ``done`` steps if one is due."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        _checkpoint(cfg, ckpt_dir, step + 1, model, probe, optimizer)
+        _checkpoint(cfg, ckpt_dir, done, model, probe, optimizer)
 
     video_id = int(model.config.video_token_index)
     end_id = int(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -553,7 +553,7 @@ def train(cfg: TrainConfig) -> Path:
             )
             cells = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
             aux = probe.loss(cells)
-            step_done(aux)
+            optimise(aux, step + 1)
             bar.set_postfix(stage="vision", probe=f"{float(aux.detach()):.3f}")
             continue
         if step == max(start, cfg.vision_steps):
@@ -578,7 +578,7 @@ def train(cfg: TrainConfig) -> Path:
         aux = probe.loss(batch["cells"])
         words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
         focus = _attention_loss(out.attentions, batch, video_id)
-        step_done(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus)
+        optimise(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus, step + 1)
         hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()  # each example's own question
         for example, hit in zip(examples, hits):
             old = family_acc[example.family]
