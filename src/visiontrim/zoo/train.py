@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import synthvid
-from .model import EMBEDDED_DIR, build_model, build_processor, build_tokenizer, prompt_for, save_model
+from .model import EMBEDDED_DIR, build_model, build_processor, build_tokenizer, save_model
 
 __all__ = ["TrainConfig", "main", "make_batch", "train"]
 
@@ -299,11 +299,15 @@ def turns_for(example: synthvid.Example, extra: int = 0) -> list[Turn]:
 
 
 def conversation(processor: Any, turns: list[Turn]) -> str:
-    """The chat text of ``turns``: the first turn is exactly the inference prompt plus its answer."""
-    text = prompt_for(processor, turns[0].question) + turns[0].answer + "<|im_end|>"
-    for turn in turns[1:]:
-        text += f"\n<|im_start|>user\n{turn.question}<|im_end|>\n<|im_start|>assistant\n{turn.answer}<|im_end|>"
-    return text
+    """The chat text of ``turns`` (the processor's chat template): the first turn is exactly the
+    inference prompt (:func:`visiontrim.zoo.model.prompt_for`) plus its answer."""
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        question = [{"type": "video"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*question, {"type": "text", "text": turn.question}]})
+        messages.append({"role": "assistant", "content": turn.answer})
+    text = processor.apply_chat_template(messages, tokenize=False)
+    return text[0] if isinstance(text, list) else text
 
 
 def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0) -> dict[str, Any]:
@@ -433,23 +437,18 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int) -> An
     if not bool(valid.any()):
         return attentions[0].new_zeros(())
     b, q, n = attend.shape
-    length = attentions[0].shape[-1]
     visual = torch.nonzero(batch["input_ids"] == video_id)[:, 1].view(b, n + 1)[:, :n]  # [B, n] positions
     first = batch["attention_mask"].long().argmax(-1)  # first real token (left padding)
     weights = attend.float()
     total_weight = weights.sum(-1) + sink
-    index = pos.clamp(min=0).unsqueeze(-1).expand(b, q, length)
-
-    def rows_of(probs: Any) -> tuple[Any, Any]:  # [B, L, L] -> per turn, visual and first-token attention
-        rows = probs.gather(1, index)  # [B, Q, L]
-        vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
-        return vis, rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
-
+    heads = torch.where(sink > 0, COUNT_HEAD, GUIDED_HEAD)  # [B, Q]
+    batch_index = torch.arange(b).unsqueeze(-1)
     total = attentions[0].new_zeros(())
     for layer in GUIDED_LAYERS:
-        vis, _ = rows_of(attentions[layer][:, GUIDED_HEAD])
+        rows = attentions[layer][batch_index, heads, pos.clamp(min=0)]  # [B, Q, L]: each turn's guided head
+        vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
+        at_first = rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
         plain = -torch.log((vis * weights).sum(-1).clamp_min(1e-6))
-        vis, at_first = rows_of(attentions[layer][:, COUNT_HEAD])
         spread = -((weights * vis.log()).sum(-1) + sink * at_first.log()) / total_weight.clamp_min(1e-6)
         total = total + torch.where(sink > 0, spread, plain)[valid].mean()
     return total / len(GUIDED_LAYERS)
