@@ -201,6 +201,10 @@ def test_training_conversations() -> None:
             assert bool((batch["attend"][i, j].numpy() == turn.attend).all())
             assert float(batch["sink"][i, j]) == (COUNT_SINK if turn.question.startswith("how many") else 0.0)
             assert float(batch["sink"][i, j]) == turn.sink
+            asked = [w for w in turn.question.split() if w in synthvid.COLOURS or w in synthvid.SHAPES]
+            marked = torch.nonzero(batch["question_words"][i, j])[:, 0]
+            assert tok.convert_ids_to_tokens(batch["input_ids"][i, marked].tolist()) == asked
+            assert bool((marked < pos).all()) and (j == 0 or bool((marked > batch["answer_pos"][i, j - 1]).all()))
         assert (batch["answer_pos"][i, len(turns):] == -1).all() and (batch["answer_ids"][i, len(turns):] == -100).all()
 
 
@@ -229,6 +233,50 @@ def test_count_guidance_is_lowest_at_its_target_spread() -> None:
 
     best = COUNT_SINK / (COUNT_SINK + 6)
     assert loss_for(best) < min(loss_for(best - 0.1), loss_for(best + 0.1), loss_for(0.001))
+
+
+def test_question_guidance_is_lowest_spread_evenly_over_the_asked_words() -> None:
+    """The first layer's question head is guided to bring the colour and the shape word of a
+    count question to the answer position in equal shares, so the heads above can match both."""
+    from visiontrim.zoo.train import QUESTION_HEAD, _attention_loss
+
+    processor = build_processor()
+    example = next(synthvid.make_example(s) for s in range(1, 400, 5))
+    assert example.family == "count"
+    batch = make_batch(processor, [example])
+    video_id = processor.tokenizer.convert_tokens_to_ids("<video>")
+    length = batch["input_ids"].shape[1]
+    colour, shape = torch.nonzero(batch["question_words"][0, 0])[:, 0].tolist()
+    pos = int(batch["answer_pos"][0, 0])
+
+    def loss_for(colour_share: float, elsewhere: float = 0.0) -> float:
+        row = torch.full((length,), 1e-9)
+        row[colour], row[shape], row[pos] = colour_share, 1 - colour_share - elsewhere, elsewhere
+        probs = torch.zeros(1, 4, length, length)
+        probs[0, QUESTION_HEAD, pos] = row / row.sum()
+        return float(_attention_loss([probs, *[torch.zeros_like(probs)] * 3], batch, video_id))
+
+    assert loss_for(0.5) < min(loss_for(0.3), loss_for(0.7), loss_for(0.99), loss_for(0.4, elsewhere=0.2))
+
+
+def test_count_focus_weighs_only_the_count_guidance() -> None:
+    from visiontrim.zoo.train import _attention_loss
+
+    processor = build_processor()
+    examples = [synthvid.make_example(s) for s in range(10)]
+    video_id = processor.tokenizer.convert_tokens_to_ids("<video>")
+    batch = make_batch(processor, examples)
+    length = batch["input_ids"].shape[1]
+    attentions = [torch.softmax(torch.randn(10, 4, length, length, generator=torch.Generator().manual_seed(i)), -1)
+                  for i in range(4)]
+    counting = batch["sink"][:, 0] > 0
+    assert 0 < int(counting.sum()) < len(examples)
+    base, heavy = _attention_loss(attentions, batch, video_id), _attention_loss(attentions, batch, video_id, 3.0)
+    assert float(heavy) > float(base)
+    plain = {k: (v[~counting] if torch.is_tensor(v) and v.shape[:1] == (10,) else v) for k, v in batch.items()}
+    plain_attn = [a[~counting] for a in attentions]
+    assert torch.allclose(_attention_loss(plain_attn, plain, video_id),
+                          _attention_loss(plain_attn, plain, video_id, 3.0))
 
 
 def test_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
@@ -296,7 +344,8 @@ def test_vision_tower_stays_fixed_after_the_vision_steps(tmp_path: Path) -> None
         assert not all(torch.equal(trained[k], initial[k]) for k in projector)
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--extra-questions", "-1"), ("--extra-questions", "x"), ("--threads", "0")])
+@pytest.mark.parametrize(("flag", "value"), [("--extra-questions", "-1"), ("--extra-questions", "x"), ("--threads", "0"), ("--count-focus", "-1"),
+     ("--count-focus", "nan"), ("--count-focus", "x")])
 def test_count_arguments_are_checked(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from visiontrim.zoo.train import build_parser
 

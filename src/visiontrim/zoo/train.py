@@ -60,6 +60,7 @@ class TrainConfig(argparse.Namespace):
     weight_decay: float
     aux_weight: float
     focus_weight: float
+    count_focus: float
     extra_questions: int
     freeze_vision: bool
     seed: int
@@ -100,6 +101,16 @@ def _whole(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = _whole(text)
     if value < 1:
@@ -126,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "visual tokens (default: %(default)s)")
     parser.add_argument("--focus-weight", type=float, default=0.5,
                         help="weight of the attention-guidance loss (default: %(default)s)")
+    parser.add_argument("--count-focus", type=_non_negative, default=4.0,
+                        help="extra weight of the count questions' guidance within it: their head must "
+                        "measure how much of the target there is, not just find it (default: %(default)s)")
     parser.add_argument("--extra-questions", type=_whole, default=2,
                         help="more questions asked about each clip in the same conversation, after its own "
                         "(count, attribute and position questions about its other shapes; default: %(default)s)")
@@ -318,7 +332,8 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
     ``generate`` uses), and per turn (``Q`` = most turns in the batch): ``answer_pos`` ``[B, Q]``
     (the position whose next token is the answer word; -1 where a conversation has fewer turns),
     ``answer_ids`` ``[B, Q]`` (the answer words, -100 where none), ``attend`` ``[B, Q, T·16]``
-    and ``sink`` ``[B, Q]`` (:class:`Turn`); and ``cells`` ``[B, T, 16]`` and ``cell_words``
+    and ``sink`` ``[B, Q]`` (:class:`Turn`), ``question_words`` ``[B, Q, L]`` (the colour and
+    shape words of each turn's question, where they are in ``input_ids``); and ``cells`` ``[B, T, 16]`` and ``cell_words``
     ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100 where none).
     """
     import torch
@@ -342,7 +357,16 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
             answer_ids[i, j] = vocab[turn.answer]
             attend[i, j] = torch.from_numpy(turn.attend)
             sink[i, j] = turn.sink
-    batch.update(answer_pos=answer_pos, answer_ids=answer_ids, attend=attend, sink=sink)
+    ids = batch["input_ids"]
+    content = torch.isin(ids, torch.tensor([vocab[w] for w in (*synthvid.COLOURS, *synthvid.SHAPES)]))
+    question_words = torch.zeros((b, q, ids.shape[1]), dtype=torch.bool)
+    for i, turns in enumerate(convs):
+        starts = torch.nonzero(ids[i] == vocab["user"])[:, 0]  # each turn's question begins here
+        for j in range(len(turns)):
+            span = slice(int(starts[j]), int(answer_pos[i, j]))
+            question_words[i, j, span] = content[i, span]
+    batch.update(answer_pos=answer_pos, answer_ids=answer_ids, attend=attend, sink=sink,
+                 question_words=question_words)
     batch["cells"] = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
     ids = np.array(
         [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
@@ -418,17 +442,25 @@ GUIDED_HEAD = 0
 #: wants a value that is the same for every kind of shape, while copying a colour or shape
 #: out of the target (every other family) wants the opposite, so one head cannot serve both.
 COUNT_HEAD = 1
+#: The head of the first decoder layer that brings the question's colour and shape words to the
+#: answer position, so the guided heads above can look for both at once (left alone, the first
+#: layer brings only the colour word of "the red circle", and counting then matches every red
+#: shape).
+QUESTION_HEAD = 0
 
 
-def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int) -> Any:
+def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count_weight: float = 1.0) -> Any:
     """Guidance for head :data:`GUIDED_HEAD` of the :data:`GUIDED_LAYERS`, from each turn's
-    answer position (turns without targets are skipped).
+    answer position (turns without targets are skipped), plus head :data:`QUESTION_HEAD` of the
+    first layer.
 
     Without a sink weight: ``-log`` of the attention mass on the tokens holding the answer.
-    With one (``count``, guided on :data:`COUNT_HEAD`): the cross-entropy of the attention
-    against the distribution that gives each target token weight 1 and the first token weight
-    ``sink``, so the share read from the targets encodes how many there are. Speeds up learning
-    where to look.
+    With one (``count``, guided on :data:`COUNT_HEAD`, weighted ``count_weight``): the
+    cross-entropy of the attention against the distribution that gives each target token weight
+    1 and the first token weight ``sink``, so the share read from the targets encodes how many
+    there are. In the first layer: the cross-entropy against an even spread over the turn's
+    colour and shape words (``question_words``; turns without any are skipped). Speeds up
+    learning where to look.
     """
     import torch
 
@@ -450,8 +482,16 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int) -> An
         at_first = rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
         plain = -torch.log((vis * weights).sum(-1).clamp_min(1e-6))
         spread = -((weights * vis.log()).sum(-1) + sink * at_first.log()) / total_weight.clamp_min(1e-6)
-        total = total + torch.where(sink > 0, spread, plain)[valid].mean()
-    return total / len(GUIDED_LAYERS)
+        total = total + torch.where(sink > 0, count_weight * spread, plain)[valid].mean()
+    total = total / len(GUIDED_LAYERS)
+    words = batch["question_words"].float()  # [B, Q, L]
+    asks = (pos >= 0) & (words.sum(-1) > 0)
+    if bool(asks.any()):
+        length = attentions[0].shape[-1]
+        rows = attentions[0][:, QUESTION_HEAD].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(b, q, length))
+        spread = -(words * rows.clamp_min(1e-6).log()).sum(-1) / words.sum(-1).clamp_min(1)
+        total = total + spread[asks].mean()
+    return total
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -576,7 +616,7 @@ def train(cfg: TrainConfig) -> Path:
         )
         aux = probe.loss(batch["cells"])
         words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
-        focus = _attention_loss(out.attentions, batch, video_id)
+        focus = _attention_loss(out.attentions, batch, video_id, cfg.count_focus)
         optimise(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus, step + 1)
         hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()  # each example's own question
         for example, hit in zip(examples, hits):
