@@ -18,7 +18,7 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = result["table"]
     assert [r["method"] for r in table] == ["none"] + [m for m in ("vidcom2", "dycoke", "random") for _ in (0, 1)]
     base = table[0]
-    assert base["visual_tokens"] == 256 and base["accuracy"] >= 0.5
+    assert base["visual_tokens"] == 256 and base["accuracy"] >= 0.8  # 0.965 on the demo's 200
     for row in table[1:]:
         if row["method"] != "dycoke":  # DyCoke keeps every 4th frame whole
             assert row["visual_tokens"] == round(256 * row["retain"])
