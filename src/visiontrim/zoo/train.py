@@ -333,8 +333,9 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
     (the position whose next token is the answer word; -1 where a conversation has fewer turns),
     ``answer_ids`` ``[B, Q]`` (the answer words, -100 where none), ``attend`` ``[B, Q, T·16]``
     and ``sink`` ``[B, Q]`` (:class:`Turn`), ``question_words`` ``[B, Q, L]`` (the colour and
-    shape words of each turn's question, where they are in ``input_ids``); and ``cells`` ``[B, T, 16]`` and ``cell_words``
-    ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100 where none).
+    shape words of each turn's question, where they are in ``input_ids``); and ``cells``
+    ``[B, T, 16]`` and ``cell_words`` ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100
+    where none).
     """
     import torch
 
@@ -357,11 +358,11 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
             answer_ids[i, j] = vocab[turn.answer]
             attend[i, j] = torch.from_numpy(turn.attend)
             sink[i, j] = turn.sink
-    ids = batch["input_ids"]
-    content = torch.isin(ids, torch.tensor([vocab[w] for w in (*synthvid.COLOURS, *synthvid.SHAPES)]))
-    question_words = torch.zeros((b, q, ids.shape[1]), dtype=torch.bool)
+    input_ids = batch["input_ids"]
+    content = torch.isin(input_ids, torch.tensor([vocab[w] for w in (*synthvid.COLOURS, *synthvid.SHAPES)]))
+    question_words = torch.zeros((b, q, input_ids.shape[1]), dtype=torch.bool)
     for i, turns in enumerate(convs):
-        starts = torch.nonzero(ids[i] == vocab["user"])[:, 0]  # each turn's question begins here
+        starts = torch.nonzero(input_ids[i] == vocab["user"])[:, 0]  # each turn's question begins here
         for j in range(len(turns)):
             span = slice(int(starts[j]), int(answer_pos[i, j]))
             question_words[i, j, span] = content[i, span]
