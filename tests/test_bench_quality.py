@@ -42,6 +42,27 @@ def test_quality_small_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert all((out / f"quality_{f}.png").is_file() for f in FAMILIES)
 
 
+def test_quality_positions_reach_every_method(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import visiontrim
+
+    seen: list[object] = []
+    real = visiontrim.compress
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("positions"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(visiontrim, "compress", spy)
+    code = main(["bench", "quality", "--methods", "vidcom2,random", "--retain", "0.5", "--n", "5",
+                 "--positions", "preserve", "--out", str(tmp_path / "q"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert seen == ["preserve", "preserve"]
+    assert result["meta"]["positions"] == "preserve" and result["meta"]["command"].endswith("--positions preserve")
+    assert "positions `preserve`" in markdown_report(result)
+
+
 def test_quality_user_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["bench", "quality", "--methods", "nosuch", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err

@@ -78,8 +78,12 @@ def evaluate_configs(
     *,
     batch_size: int = 25,
     on_progress: Callable[[int], None] | None = None,
+    positions: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score ``examples`` under every ``(method, retain)`` in ``configs`` (``("none", 1.0)``: uncompressed).
+
+    ``positions``: the position ids of kept tokens (:func:`visiontrim.compress`; ``None``: each
+    method's default).
 
     Returns one row per config: ``method``, ``retain``, ``scores`` (see
     :meth:`visiontrim.zoo.evaluate.Scores.as_dict`), ``visual_tokens_before`` /
@@ -110,7 +114,7 @@ def evaluate_configs(
                 visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
                 counts["before"] = counts["after"] = visual - sum(int(b["input_ids"].shape[0]) for b in batches)
             else:
-                with visiontrim.compress(model, method, retain=retain):
+                with visiontrim.compress(model, method, retain=retain, positions=positions):
                     answers = answer_prepared(model, processor, batches, on_batch=on_batch)
         except InputError as exc:
             # The method cannot run at this ratio on this model (e.g. an in-LLM method whose
@@ -165,7 +169,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines = [
         f"Model: `{meta['model']}`; {meta['n']} held-out questions (set {meta['seed']}), "
         f"{meta['n'] // len(FAMILIES)} per family; chance {_pct(meta['chance'])}%. "
-        "Greedy `generate` after the chat template; every method with its default options.",
+        "Greedy `generate` after the chat template; every method with its default options"
+        + (f", positions `{meta['positions']}`." if meta.get("positions") else "."),
         "",
         markdown_table(header, table),
     ]
@@ -245,6 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="held-out set number (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=25, help="questions per generate call (default: %(default)s)")
     parser.add_argument("--out", default="quality-results", help="output directory (default: %(default)s)")
+    parser.add_argument("--positions", choices=("preserve", "compact"), default=None,
+                        help="position ids of kept tokens for every method (default: each method's own)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
 
 
@@ -278,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     with tqdm(total=len(configs) * len(examples), desc="bench quality", unit="q", dynamic_ncols=True,
               file=sys.stderr) as bar:
-        rows = evaluate_configs(model, processor, examples, configs, batch_size=args.batch_size, on_progress=bar.update)
+        rows = evaluate_configs(model, processor, examples, configs, batch_size=args.batch_size, on_progress=bar.update,
+                                positions=args.positions)
     by_family: dict[str, list[Any]] = {}
     for e in examples:
         by_family.setdefault(e.family, []).append(e)
@@ -291,10 +299,11 @@ def run(args: argparse.Namespace) -> int:
             "retains": retains,
             "chance": synthvid.chance_level(examples),
             "chance_by_family": {f: synthvid.chance_level(v) for f, v in by_family.items()},
+            "positions": args.positions,
             "seconds": round(time.perf_counter() - began, 1),
             "command": "visiontrim bench quality " + " ".join(
                 [f"--model {args.model}", f"--methods {','.join(methods)}", f"--retain {','.join(f'{r:g}' for r in retains)}",
-                 f"--n {args.n}", f"--seed {args.seed}"]
+                 f"--n {args.n}", f"--seed {args.seed}"] + ([f"--positions {args.positions}"] if args.positions else [])
             ),
         },
         "rows": [{k: v for k, v in r.items() if k != "answers"} for r in rows],
