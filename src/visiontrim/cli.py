@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from visiontrim._argtypes import non_negative_int, positive_int
 from visiontrim.errors import InputError, VisiontrimError
 
 __all__ = ["build_parser", "main"]
@@ -41,28 +42,6 @@ def _retain(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1] (fraction of visual tokens kept), got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """A non-negative integer seed."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
 
 
@@ -137,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write a tiny randomly initialised model + processor")
     tiny.add_argument("path", metavar="PATH", help="output directory")
     tiny.add_argument("--arch", choices=ARCHS, default="llava-onevision", help="architecture (default: %(default)s)")
-    tiny.add_argument("--seed", type=_seed, default=0, help="weight initialisation seed (default: %(default)s)")
+    tiny.add_argument("--seed", type=non_negative_int, default=0, help="weight initialisation seed (default: %(default)s)")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     run = sub.add_parser("run", help="answer a question about a video or image with a compressed model")
@@ -151,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--retain", type=_retain, default=0.25, help="fraction of visual tokens kept, in (0, 1] (default: %(default)s)"
     )
     run.add_argument(
-        "--frames", type=_positive_int, default=32, help="frames sampled from the video, >= 1 (default: %(default)s)"
+        "--frames", type=positive_int, default=32, help="frames sampled from the video, >= 1 (default: %(default)s)"
     )
     run.add_argument(
-        "--max-new-tokens", type=_positive_int, default=32, help="tokens to generate (default: %(default)s)"
+        "--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default: %(default)s)"
     )
     run.add_argument(
         "--positions", choices=_POSITIONS, default=None, help="position ids of kept tokens (default: the method's)"

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._argtypes import non_negative_int, positive_int
 from . import synthvid
 from .model import EMBEDDED_DIR, build_model, build_processor, build_tokenizer, save_model
 
@@ -91,16 +92,6 @@ def _weights(text: str) -> list[float]:
     return values
 
 
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
-
-
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -108,13 +99,6 @@ def _non_negative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _whole(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
@@ -140,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count-focus", type=_non_negative, default=4.0,
                         help="extra weight of the count questions' guidance within it: their head must "
                         "measure how much of the target there is, not just find it (default: %(default)s)")
-    parser.add_argument("--extra-questions", type=_whole, default=2,
+    parser.add_argument("--extra-questions", type=non_negative_int, default=2,
                         help="more questions asked about each clip in the same conversation, after its own "
                         "(count, attribute and position questions about its other shapes; default: %(default)s)")
     parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
@@ -157,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family-weights", type=_weights, default=list(FAMILY_WEIGHTS), metavar="W,W,W,W,W",
                         help="how often each family is drawn, in the order "
                         f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
-    parser.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     return parser
 
 
