@@ -35,7 +35,6 @@ def main() -> None:
     parser.add_argument("--model", default=str(EMBEDDED_DIR))
     parser.add_argument("--n", type=int, default=100)
     args = parser.parse_args()
-    torch.manual_seed(0)
     processor = build_processor(build_tokenizer())
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(
         args.model, dtype=torch.float32, attn_implementation="eager").eval()
