@@ -7,6 +7,7 @@ features each image/video produces.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -238,13 +239,19 @@ def lm_inputs_positions(pos: torch.Tensor, mask: torch.Tensor, mrope: bool) -> t
     return torch.cat([text[None], pos], 0)
 
 
+def cache_kw(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache under the name ``module.forward`` takes (``cache`` since transformers 5.24)."""
+    params = inspect.signature(module.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 @torch.no_grad()
 def reference_greedy(model, embeds, mask, pos, n_new: int, mrope: bool):
     """Greedy decoding with the unpatched language model, by hand. Returns tokens and per-step logits."""
     lm = model.model.language_model
     cache = DynamicCache(config=lm.config)
     p = lm_inputs_positions(pos, mask, mrope)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=p, past_key_values=cache, use_cache=True)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=p, use_cache=True, **cache_kw(lm, cache))
     prefill_logits = model.lm_head(out.last_hidden_state)
     logits = prefill_logits[:, -1]
     tokens, steps = [], [logits]
@@ -256,7 +263,7 @@ def reference_greedy(model, embeds, mask, pos, n_new: int, mrope: bool):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
         p = p[..., -1:] + 1
         e = lm.embed_tokens(tok)[:, None]
-        out = lm(inputs_embeds=e, attention_mask=mask, position_ids=p, past_key_values=cache, use_cache=True)
+        out = lm(inputs_embeds=e, attention_mask=mask, position_ids=p, use_cache=True, **cache_kw(lm, cache))
         logits = model.lm_head(out.last_hidden_state[:, -1])
         steps.append(logits)
     return torch.stack(tokens, 1), prefill_logits, steps

@@ -214,6 +214,23 @@ def test_position_modes_on_1d_models(models, name, positions):
     assert handle.positions == positions
 
 
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_preserve_and_compact_differ_on_1d_models(models, name):
+    """The two position modes are really different computations on a 1-D RoPE model: after a
+    prune point the kept tokens' ids differ (gaps vs renumbered), and so do the logits."""
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    _, opts, retain = IN_LLM[name]
+    logits = {}
+    for positions in ("preserve", "compact"):
+        with visiontrim.compress(model, name, retain=retain, positions=positions, **opts):
+            out = model.generate(**kw, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        logits[positions] = torch.stack(out.logits)
+    gap = (logits["preserve"] - logits["compact"]).abs().amax().item()
+    assert gap > 1e-3, gap
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ["fastv", "pdrop"])
 def test_full_retain_is_token_identical(models, arch, name):

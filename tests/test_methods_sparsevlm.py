@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from visiontrim import methods
 from visiontrim.errors import InputError
 from visiontrim.methods.sparsevlm import (
     SCHEDULES,
@@ -464,17 +465,18 @@ def test_simulate_small_and_no_recycling_floor():
 
 def test_options_variant_defaults_and_plan():
     v15 = SparseVLMOptions()
-    assert (v15.recycle, v15.positions, v15.gravity_correction, v15.priority_heads) == (True, "compact", False, None)
+    assert (v15.recycle, v15.variant_positions, v15.gravity_correction, v15.priority_heads) == (True, "compact", False, None)
     assert v15.plan(576, 32) == {2: 300, 6: 200, 15: 110}
     v2 = SparseVLMOptions(variant="v2.0", target=128)
-    assert (v2.recycle, v2.positions, v2.gravity_correction, v2.priority_heads) == (False, "preserve", True, 14)
+    assert (v2.recycle, v2.variant_positions, v2.gravity_correction, v2.priority_heads) == (False, "preserve", True, 14)
     assert v2.plan(576, 32) == {2: 238, 6: 108, 15: 60}
     v10 = SparseVLMOptions(variant="v1.0", target=128)
     assert v10.budget == "rank" and v10.pruning_layers == (2, 6, 15, 19) and (v10.scale, v10.bias) == (9.0, 6.0)
     assert v10.plan(576, 32) is None
     ratio = SparseVLMOptions(budget="ratio")
     assert ratio.plan(6272, 28, retain=0.25) == ratio_schedule(0.25, 6272, 28)
-    assert SparseVLMOptions(positions="original").positions == "preserve"
+    with pytest.raises(InputError, match="positions"):  # one name, one meaning: compress(positions=...)
+        methods.get("sparsevlm").create(positions="original")
     with pytest.raises(InputError, match="schedule longer than the sequence"):
         v15.plan(200, 32)
     with pytest.raises(InputError, match="past the language model's depth"):

@@ -309,3 +309,30 @@ def test_run_rejects_unknown_method_options_before_loading(tmp_path: Path, video
                  "--question", "q", "--method", "vidcom2", "-o", "bogus=1"])
     assert code == 2
     assert "does not accept option(s) bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method_args",
+    [
+        ["--method", "sparsevlm", "-o", "pruning_layers=[0]"],
+        ["--method", "fastv", "-o", "layer=1", "-o", "equivalent=keep"],
+        ["--method", "vidcom2"],
+        ["--method", "dycoke"],
+    ],
+)
+def test_run_takes_positions_as_an_option_for_every_method(method_args: list[str], tiny_models: Models,
+                                                          videos: Videos, capsys: Capsys) -> None:
+    """``-o positions=...`` means ``--positions`` for every method (SparseVLM once had an option of
+    that name, and the two collided in a TypeError)."""
+    video = videos[sorted(videos)[-1]]
+    base = ["run", "--model", str(tiny_models["llava-onevision"]), "--video", str(video), "--question", "what is shown",
+            "--frames", "4", "--max-new-tokens", "2", "--json", "--retain", "0.5", *method_args]
+    for mode in ("preserve", "compact"):
+        data = _run_json(capsys, [*base, "-o", f"positions={mode}"])
+        assert data["positions"] == mode
+    code = main([*base, "-o", "positions=preserve", "--positions", "compact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "positions given twice" in err and len(err.strip().splitlines()) == 1
+    code = main([*base, "-o", "positions=original"])
+    err = capsys.readouterr().err
+    assert code == 2 and "-o positions must be one of preserve, compact" in err

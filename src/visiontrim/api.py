@@ -11,7 +11,7 @@ from .errors import InputError
 from .methods.budget import check_retain
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
-from .runtime.patch import lm_shape
+from .runtime.patch import check_transformers, lm_shape
 
 
 class TrimHandle:
@@ -105,6 +105,7 @@ def compress(
             f"model is already compressed with {existing.spec.name!r} (retain={existing.retain}); "
             "call visiontrim.restore(model) or use the handle as a context manager before compressing again"
         )
+    lm_calls = check_transformers(model, inllm is not None or dp is not None)
     state = TrimState(
         spec=spec,
         selector=selector,
@@ -114,6 +115,7 @@ def compress(
         options=dict(options),
         inllm=inllm,
         dp=dp,
+        lm_calls=lm_calls,
     )
     install(model, state)
     return TrimHandle(model, state)

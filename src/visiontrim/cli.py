@@ -76,6 +76,14 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "sparsevlm" and named["budget"] is not None:  # its own 'budget' is the keep schedule
         named["frame_budget"] = named.pop("budget")
     options.update({k: v for k, v in named.items() if v is not None})
+    if "positions" in options:  # one name for every method: compress(positions=...), i.e. --positions
+        value = options.pop("positions")
+        if value not in _POSITIONS:
+            raise InputError(f"-o positions must be one of {', '.join(_POSITIONS)}, got {value!r}")
+        if args.positions is not None and args.positions != value:
+            raise InputError(f"positions given twice with different values: --positions {args.positions} "
+                             f"and -o positions={value}")
+        args.positions = value
     return options
 
 

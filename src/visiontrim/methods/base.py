@@ -88,6 +88,11 @@ class MethodSpec:
     def create(self, **options: Any) -> Selector:
         """Build a configured selector; unknown options raise :class:`InputError`."""
         unknown = sorted(set(options) - set(self.options))
+        if "positions" in unknown:
+            raise InputError(
+                f"positions is not an option of method {self.name!r}: every method takes it from "
+                "compress(model, method, positions='preserve' | 'compact') (CLI: --positions)"
+            )
         if unknown:
             accepted = ", ".join(sorted(self.options)) or "none"
             raise InputError(f"method {self.name!r} does not accept option(s) {', '.join(unknown)}; accepted: {accepted}")

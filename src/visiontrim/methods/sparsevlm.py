@@ -70,7 +70,6 @@ MERGES: tuple[str, ...] = ("mean", "sum")
 RANK_FORMS: tuple[str, ...] = ("paper", "v1code")
 BUDGETS: tuple[str, ...] = ("schedule", "ratio", "rank")
 POSITIONS: tuple[str, ...] = ("compact", "preserve")
-_POSITION_ALIASES = {"compact": "compact", "contiguous": "compact", "preserve": "preserve", "original": "preserve"}
 
 
 def canonical_variant(variant: str) -> str:
@@ -782,9 +781,10 @@ class SparseVLMOptions:
     positions, all heads, no gravity correction; ``"v2"`` (SparseVLM+) – v2 schedules, no
     recycling, preserved (original) positions, gravity correction, 14 priority heads;
     ``"v1.0"`` – layers (2, 6, 15, 19), rank budget ``⌊scale·rank + bias⌋`` (``RANK_SCALE_BIAS``
-    for ``target``), recycling, compact positions. Positions are spelled with the library's
-    words: ``"compact"`` = the spec's "contiguous", ``"preserve"`` = "original" (both spellings
-    are accepted); M-RoPE models always preserve.
+    for ``target``), recycling, compact positions. Positions are not an option of the method:
+    ``compress(positions=...)`` chooses them for every method; :attr:`variant_positions` is the
+    variant's reference choice (the spec's "contiguous" = ``"compact"``, "original" =
+    ``"preserve"``), used when ``compress`` is given none; M-RoPE models always preserve.
     """
 
     variant: str = field(default="v1.5", metadata={"help": "'v1.5' (ICML code), 'v1.0' (rank budgets) or 'v2' (SparseVLM+)"})
@@ -795,7 +795,6 @@ class SparseVLMOptions:
     recycle_tau: float = field(default=RECYCLE_TAU, metadata={"help": "share of pruned tokens clustered"})
     recycle_theta: float = field(default=RECYCLE_THETA, metadata={"help": "clusters per candidate"})
     recycle_merge: str = field(default="mean", metadata={"help": "'mean' (code) or 'sum' (paper)"})
-    positions: str | None = field(default=None, metadata={"help": "'compact' (contiguous) or 'preserve' (original)"})
     gravity_correction: bool | None = field(default=None, metadata={"help": "divide attention by the RoPE kernel"})
     gravity_floor: float = field(default=GRAVITY_FLOOR, metadata={"help": "lower clamp of the RoPE kernel"})
     priority_heads: int | float | None = field(default=None, metadata={"help": "top-k heads (int) or fraction"})
@@ -823,12 +822,6 @@ class SparseVLMOptions:
             raise InputError(f"sparsevlm option recycle must be True or False, got {self.recycle!r}")
         recycle_counts(1, self.recycle_tau, self.recycle_theta)
         validate_choice("sparsevlm option recycle_merge", self.recycle_merge, MERGES)
-        if self.positions is None:
-            self.positions = "preserve" if v == "v2" else "compact"
-        if self.positions not in _POSITION_ALIASES:
-            accepted = ", ".join(map(repr, _POSITION_ALIASES))
-            raise InputError(f"sparsevlm option positions must be one of {accepted}, got {self.positions!r}")
-        self.positions = _POSITION_ALIASES[self.positions]
         if self.gravity_correction is None:
             self.gravity_correction = v == "v2"
         if not isinstance(self.gravity_correction, bool):
@@ -849,6 +842,12 @@ class SparseVLMOptions:
             self.bias = default[1] if self.bias is None else self.bias
         self.scale = 1.0 if self.scale is None else float(self.scale)
         self.bias = 0.0 if self.bias is None else float(self.bias)
+
+    @property
+    def variant_positions(self) -> str:
+        """Positions of the variant's reference code on 1-D RoPE models: SparseVLM+ (v2) keeps the
+        original ids, v1.0 / v1.5 renumber the kept tokens contiguously."""
+        return "preserve" if self.variant == "v2" else "compact"
 
     def plan(self, num_visual: int, num_layers: int, retain: float | None = None) -> dict[int, int] | None:
         """The checked keep schedule for ``V0`` tokens and ``num_layers``, or ``None`` for the rank
@@ -915,7 +914,7 @@ class SparseVLM(SparseVLMOptions):
         return self.frame_budget == "fca"
 
     def default_positions_for(self, style: str) -> str:
-        return "preserve" if style == "mrope" else str(self.positions)
+        return "preserve" if style == "mrope" else self.variant_positions
 
     def check_depth(self, num_layers: int) -> None:
         for layer in self.pruning_layers or ():

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import weakref
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 
 from ..errors import InputError
 from ..methods.inllm import PrunePoint, SampleLayout, select_top, uses_fca
+from . import compat
 
 ROWS_IMPL = "visiontrim_rows"
 _CAPTURE: contextvars.ContextVar["_Capture | None"] = contextvars.ContextVar("visiontrim_capture", default=None)
@@ -49,14 +49,6 @@ class _Capture:
     allowed: list[torch.Tensor]  # per sample [R, Lk] bool
     dry: bool = False
     result: list[torch.Tensor] = field(default_factory=list)
-
-
-def _base_attention(module: torch.nn.Module, name: str) -> Any:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name == "eager" or name not in ALL_ATTENTION_FUNCTIONS:
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[name]
 
 
 def _rows_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -90,16 +82,9 @@ def _call_base(module: torch.nn.Module, base_config: Any, name: str, query: torc
     current = module.config
     module.config = base_config
     try:
-        return _base_attention(module, name)(module, query, key, value, attention_mask, **kwargs)
+        return compat.attention_function(module, name)(module, query, key, value, attention_mask, **kwargs)
     finally:
         module.config = current
-
-
-def _register() -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if ROWS_IMPL not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(ROWS_IMPL, _rows_attention)
 
 
 class _ConfigView:
@@ -115,16 +100,23 @@ class _ConfigView:
 
 def call_capturing(attn_module: torch.nn.Module, cap: _Capture, fn: Any) -> Any:
     """Run ``fn()`` while ``attn_module`` routes its attention through the row capture."""
-    _register()
+    compat.register_attention(ROWS_IMPL, _rows_attention)
     cap.base = attn_module.config._attn_implementation
     original = attn_module.config
     attn_module.config = _ConfigView(original, ROWS_IMPL)
     token = _CAPTURE.set(cap)
     try:
-        return fn()
+        out = fn()
     finally:
         _CAPTURE.reset(token)
         attn_module.config = original
+    if len(cap.result) != len(cap.rows):
+        raise compat.UnsupportedTransformers(
+            f"{type(attn_module).__name__} did not route its attention through transformers' attention-function "
+            f"registry (transformers {compat.transformers_version()}; supported: {compat.supported_range()}), "
+            "so its attention rows cannot be read"
+        )
+    return out
 
 
 def allowed_rows(key_mask: torch.Tensor, rows: torch.Tensor, query_offset: int) -> torch.Tensor:
@@ -190,11 +182,7 @@ def _layer_types(lm: torch.nn.Module) -> list[str]:
 
 
 def _mask_for(lm: torch.nn.Module, kind: str, h: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-    return fn(config=lm.config, inputs_embeds=h, attention_mask=mask2d, past_key_values=cache,
-              position_ids=None, layer_idx=layer)
+    return compat.causal_mask(lm.config, kind, h, mask2d, cache, layer)
 
 
 def _split_positions(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,26 +216,27 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
 
     @functools.wraps(original)
     def forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                past_key_values: Any = None, inputs_embeds: Any = None, use_cache: Any = None, **kwargs: Any) -> Any:
+                inputs_embeds: Any = None, use_cache: Any = None, **kwargs: Any) -> Any:
         from transformers import DynamicCache
-        from transformers.modeling_outputs import BaseModelOutputWithPast
 
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        calls: compat.LMCalls = state.lm_calls
+        kv_cache = compat.pop_cache(kwargs)  # the caller's KV cache, under either spelling
+        past = kv_cache.get_seq_length() if kv_cache is not None else 0
         pending: Pending | None = state.pending
         state.pending = None  # consumed (or stale) whatever happens below
         session: Session | None = state.session
-        decoding = session is not None and past > 0 and past_key_values is session.cache()
+        decoding = session is not None and past > 0 and kv_cache is session.cache()
         if pending is None and not decoding:
             state.session = None
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                            inputs_embeds=inputs_embeds, use_cache=use_cache, **calls.cache_kw(kv_cache),
                             **kwargs)
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         if use_cache is None:
             use_cache = lm.config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=lm.config)
+        if use_cache and kv_cache is None:
+            kv_cache = DynamicCache(config=lm.config)
         B, q = inputs_embeds.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, past + q, dtype=torch.long, device=inputs_embeds.device)
@@ -257,16 +246,16 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
             position_ids = (_compact(attention_mask)[:, -q:])
         if decoding:
             h = _decode(model, lm, state, session, inputs_embeds, attention_mask.long(), position_ids,
-                        past_key_values, use_cache, kwargs)
+                        kv_cache, use_cache, kwargs)
         else:
             if past > 0:
                 raise InputError("in-LLM pruning needs the prompt in one prefill (the cache must start empty)")
             if len(pending.layouts) and B % len(pending.layouts):
                 raise RuntimeError("the prepared samples do not match the language model's batch")
             h = _prefill(model, lm, state, pending, inputs_embeds, attention_mask.long(), position_ids,
-                         past_key_values, use_cache, kwargs)
+                         kv_cache, use_cache, kwargs)
         h = lm.norm(h)
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+        return compat.model_output(h, kv_cache if use_cache else None)
 
     return forward
 
@@ -285,6 +274,7 @@ def _expand(pending: Pending, B: int) -> Pending:
 def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor, mask: torch.Tensor,
              position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any]) -> torch.Tensor:
     method = state.inllm
+    calls: compat.LMCalls = state.lm_calls
     num_layers = len(lm.layers)
     kinds = _layer_types(lm)
     B = h.shape[0]
@@ -333,7 +323,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
 
         def run_layer(h=h, idx=idx, layer=layer, pe=pe, text_pos=text_pos):
             return layer(h, attention_mask=mask_cache[(kinds[idx], id(mask))], position_embeddings=pe,
-                         position_ids=text_pos, past_key_values=cache, use_cache=use_cache, **kwargs)
+                         position_ids=text_pos, use_cache=use_cache, **calls.cache_kw(cache), **kwargs)
 
         attn: list[torch.Tensor | None] = [None] * B
         rows_req: list[torch.Tensor | None] = [None] * B
@@ -350,8 +340,8 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
             x = nxt.input_layernorm(h_out)
             nxt_mask = _mask_for(lm, kinds[idx + 1], h_out, mask, None, idx + 1)
             call_capturing(nxt.self_attn, cap, lambda: nxt.self_attn(
-                hidden_states=x, attention_mask=nxt_mask, position_ids=text_pos, past_key_values=None,
-                position_embeddings=pe))
+                hidden_states=x, attention_mask=nxt_mask, position_ids=text_pos, position_embeddings=pe,
+                **calls.cache_kw(None)))
             attn = [cap.result[b] if points[b] is not None else None for b in range(B)]
             t_score += (time.perf_counter() - start) * 1000.0
         h = h_out
@@ -518,6 +508,7 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
             position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any]) -> torch.Tensor:
     """One decode call (``q`` new tokens): every layer's key mask grows by the new columns."""
     dp = state.dp
+    calls: compat.LMCalls = state.lm_calls
     B, q = h.shape[:2]
     new_cols = mask[:, -q:]
     kinds = _layer_types(lm)
@@ -547,7 +538,7 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
 
         def run(h=h, layer=layer, mask_arg=mask_arg, pe=pe, text_pos=text_pos):
             return layer(h, attention_mask=mask_arg, position_embeddings=pe, position_ids=text_pos,
-                         past_key_values=cache, use_cache=use_cache, **kwargs)
+                         use_cache=use_cache, **calls.cache_kw(cache), **kwargs)
 
         if dp is not None and idx == dp.layer - 1:
             offset = cache.get_seq_length(idx)

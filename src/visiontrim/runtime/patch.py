@@ -28,6 +28,7 @@ from ..methods.budget import fca_budget
 from ..methods.inllm import SampleLayout, uses_fca
 from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
+from . import compat
 from .inllm import Pending, make_lm_forward
 from .trim import Trimmed, TrimStats, trim
 
@@ -59,6 +60,8 @@ class TrimState:
     inllm_record: Any = None
     rows_used: Any = None
     lm_config: Any = None
+    #: how the in-LLM loop calls this transformers release's layers (:mod:`.compat`)
+    lm_calls: Any = None
 
     @property
     def uses_lm_loop(self) -> bool:
@@ -206,7 +209,7 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
         if not state.adapter.has_visual(kw):
             kw.pop(QUESTION_KEY, None)
             return original(**kw)
-        if _cache_length(kw.get("past_key_values")) > 0:
+        if _cache_length(compat.cache_of(kw)) > 0:
             raise InputError(
                 "visiontrim compresses visual inputs in the prefill only; this call passes pixel inputs "
                 "together with a non-empty KV cache"
@@ -278,7 +281,7 @@ def _check_generate_kwargs(model: torch.nn.Module, state: TrimState, kw: dict[st
         raise InputError("prefill_chunk_size is not supported with visiontrim: the prompt is compressed in one prefill")
     if state.uses_lm_loop:
         impl = kw.get("cache_implementation") or getattr(config, "cache_implementation", None)
-        past = kw.get("past_key_values")
+        past = compat.cache_of(kw)
         if impl not in (None, "dynamic") or (past is not None and getattr(past, "is_compileable", False)):
             raise InputError(
                 f"method {state.spec.name!r} prunes inside the language model, which needs a dynamic KV cache "
@@ -301,7 +304,7 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
         if not state.adapter.has_visual(kw):
             kw.pop(QUESTION_KEY, None)
             return original(**kw)
-        if _cache_length(kw.get("past_key_values")) > 0:
+        if _cache_length(compat.cache_of(kw)) > 0:
             raise InputError("visiontrim cannot continue generation from a cache when new pixel inputs are given")
         input_ids = state.adapter.require_ids(kw)
         _check_generate_kwargs(model, state, kw)
@@ -398,6 +401,18 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
     return Pending(layouts, weights)
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, rotary embedding, final norm) of a VLM."""
+    return model.model.language_model
+
+
+def check_transformers(model: torch.nn.Module, in_llm: bool) -> Any:
+    """Refuse a transformers release (or, for the in-LLM loop, decoder layers) the runtime was not
+    written for; return how to call the layers (``None`` for pre-LLM methods)."""
+    compat.check_version()
+    return compat.check_language_model(language_model(model)) if in_llm else None
+
+
 def install(model: torch.nn.Module, state: TrimState) -> None:
     """Wrap ``model.forward`` and ``model.generate`` (and, for in-LLM methods, the language
     model's ``forward``); the caller has validated everything."""
@@ -408,7 +423,7 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
     model.forward = _make_forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _make_generate(model, state, originals["generate"])  # type: ignore[method-assign]
     if state.uses_lm_loop:
-        lm = model.model.language_model
+        lm = language_model(model)
         state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
         lm.forward = make_lm_forward(model, lm, state, lm.forward)  # type: ignore[method-assign]
 
@@ -425,7 +440,7 @@ def uninstall(model: torch.nn.Module) -> None:
         if prev is not _MISSING:
             model.__dict__[name] = prev
     if "lm_forward" in state.saved:
-        lm = model.model.language_model
+        lm = language_model(model)
         lm.__dict__.pop("forward", None)
         if state.saved["lm_forward"] is not _MISSING:
             lm.__dict__["forward"] = state.saved["lm_forward"]
