@@ -5,7 +5,7 @@ pooling), fp32. The prefill reference is a Qwen2-7B-shaped decoder layer (hidden
 MLP 18944, 28 query / 4 key-value heads, SDPA) run on the same 6,272 visual tokens plus a
 short prompt, with random weights (speed does not depend on weight values); the full
 28-layer prefill is that time × 28 (the embedding and LM head are left out, which only
-makes the ratio look worse for visiontrim).
+makes the ratio look worse for tokensieve).
 
     python benchmarks/scoring_overhead.py [--threads 2] [--repeats 5] [--out benchmarks/results]
 """
@@ -24,7 +24,7 @@ import transformers
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from visiontrim.methods import VidCom2
+from tokensieve.methods import VidCom2
 
 T, M, D = 32, 196, 3584
 PROMPT = 64

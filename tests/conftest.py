@@ -3,11 +3,11 @@
 import torch
 import transformers
 
-from visiontrim.runtime import compat
+from tokensieve.runtime import compat
 
 torch.set_num_threads(1)
 
 
 def pytest_report_header(config):
-    return (f"transformers {transformers.__version__} (visiontrim supports {compat.supported_range()}), "
+    return (f"transformers {transformers.__version__} (tokensieve supports {compat.supported_range()}), "
             f"torch {torch.__version__}")

@@ -1,4 +1,4 @@
-"""``visiontrim bench quality``: accuracy per method × retain × family, JSON + Markdown + PNG."""
+"""``tokensieve bench quality``: accuracy per method × retain × family, JSON + Markdown + PNG."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from visiontrim.bench.quality import markdown_report, parse_retains
-from visiontrim.cli import main
-from visiontrim.errors import InputError
-from visiontrim.zoo.synthvid import FAMILIES
+from tokensieve.bench.quality import markdown_report, parse_retains
+from tokensieve.cli import main
+from tokensieve.errors import InputError
+from tokensieve.zoo.synthvid import FAMILIES
 
 
 def test_parse_retains() -> None:
@@ -44,16 +44,16 @@ def test_quality_small_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_quality_positions_reach_every_method(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import visiontrim
+    import tokensieve
 
     seen: list[object] = []
-    real = visiontrim.compress
+    real = tokensieve.compress
 
     def spy(*args: object, **kwargs: object) -> object:
         seen.append(kwargs.get("positions"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(visiontrim, "compress", spy)
+    monkeypatch.setattr(tokensieve, "compress", spy)
     code = main(["bench", "quality", "--methods", "vidcom2,random", "--retain", "0.5", "--n", "5",
                  "--positions", "preserve", "--out", str(tmp_path / "q"), "--json"])
     assert code == 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from visiontrim.bench import speed
-from visiontrim.cli import main
+from tokensieve.bench import speed
+from tokensieve.cli import main
 
 
 def test_speed_benchmark_runs_and_reports_every_field(tmp_path, capsys):

@@ -16,9 +16,9 @@ import torch
 import transformers
 from _builders import build, make_batch
 
-import visiontrim
-from visiontrim.runtime import compat
-from visiontrim.runtime.inllm import _ConfigView
+import tokensieve
+from tokensieve.runtime import compat
+from tokensieve.runtime.inllm import _ConfigView
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def llava():
 
 
 def assert_untouched(model):
-    assert not visiontrim.is_compressed(model)
+    assert not tokensieve.is_compressed(model)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     assert "forward" not in model.model.language_model.__dict__
 
@@ -65,8 +65,8 @@ def test_versions_outside_the_range_are_refused_with_the_range(version):
 @pytest.mark.parametrize("method", ["vidcom2", "fastv"])
 def test_compress_refuses_an_unknown_release_before_touching_the_model(llava, monkeypatch, method):
     monkeypatch.setattr(compat, "transformers_version", lambda: "5.31.0")
-    with pytest.raises(visiontrim.InputError, match=r"transformers 5\.31\.0 is not supported.*5\.18\.x to 5\.24\.x"):
-        visiontrim.compress(llava, method, retain=0.5, **({"layer": 1} if method == "fastv" else {}))
+    with pytest.raises(tokensieve.InputError, match=r"transformers 5\.31\.0 is not supported.*5\.18\.x to 5\.24\.x"):
+        tokensieve.compress(llava, method, retain=0.5, **({"layer": 1} if method == "fastv" else {}))
     assert_untouched(llava)
 
 
@@ -84,9 +84,9 @@ def test_compress_refuses_a_decoder_layer_with_an_unknown_cache_argument(llava):
     layer.forward = forward
     try:
         with pytest.raises(compat.UnsupportedTransformers, match=r"decoder layer 2 .* takes its KV cache as 'none'"):
-            visiontrim.compress(llava, "fastv", retain=0.5, layer=1)
+            tokensieve.compress(llava, "fastv", retain=0.5, layer=1)
         assert_untouched(llava)
-        visiontrim.compress(llava, "vidcom2", retain=0.5).restore()  # pre-LLM methods do not call the layers
+        tokensieve.compress(llava, "vidcom2", retain=0.5).restore()  # pre-LLM methods do not call the layers
     finally:
         del layer.forward
 
@@ -105,7 +105,7 @@ def test_compress_refuses_a_decoder_layer_that_requires_a_new_argument(llava):
     layer.forward = new if compat.mask_cache_name() == "cache" else old
     try:
         with pytest.raises(compat.UnsupportedTransformers, match=r"requires argument\(s\) 'layer_budget'"):
-            visiontrim.compress(llava, "pdrop", retain=0.6)
+            tokensieve.compress(llava, "pdrop", retain=0.6)
         assert_untouched(llava)
     finally:
         del layer.forward
@@ -134,7 +134,7 @@ def test_attention_that_bypasses_the_registry_fails_loudly_not_silently(llava):
         layer.self_attn.forward = bypass(layer.self_attn)
     kw = make_batch(llava, "llava-onevision", [[("video", None)]])
     try:
-        with visiontrim.compress(llava, "fastv", retain=0.5, layer=1):
+        with tokensieve.compress(llava, "fastv", retain=0.5, layer=1):
             with pytest.raises(compat.UnsupportedTransformers, match="did not route its attention"):
                 llava.generate(**kw, max_new_tokens=2, do_sample=False)
     finally:
@@ -148,7 +148,7 @@ def test_cache_spellings():
         kw = {name: cache, "x": 1}
         assert compat.cache_of(kw) is cache
         assert compat.pop_cache(kw) is cache and kw == {"x": 1}
-    with pytest.raises(visiontrim.InputError, match="two different KV caches"):
+    with pytest.raises(tokensieve.InputError, match="two different KV caches"):
         compat.pop_cache({"cache": object(), "past_key_values": object()})
     out = compat.model_output(torch.zeros(1, 1, 2), cache)
     assert out[compat.output_cache_name()] is cache

@@ -2,7 +2,7 @@
 
 The reference runs the *unpatched* decoder layers one by one, without a KV cache, on the
 shrinking sequence: at each prune point it gathers the kept visual tokens recorded by
-``visiontrim.stats`` (plus every non-visual token), re-pads, and continues; each greedy step
+``tokensieve.stats`` (plus every non-visual token), re-pads, and continues; each greedy step
 recomputes the whole sequence. Agreement therefore checks the runtime's KV caches of
 different lengths, per-layer masks, positions and decoding — not just "it runs".
 """
@@ -13,9 +13,9 @@ import pytest
 import torch
 from _builders import ARCHS, IMAGE, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
 
-import visiontrim
-from visiontrim.methods import DyCokeDP, FastV, PDrop, select_top
-from visiontrim.runtime.inllm import _Capture, allowed_rows, call_capturing
+import tokensieve
+from tokensieve.methods import DyCokeDP, FastV, PDrop, select_top
+from tokensieve.runtime.inllm import _Capture, allowed_rows, call_capturing
 
 N_NEW = 4
 LAYERS = 4
@@ -157,10 +157,10 @@ def check_against_reference(model, arch, kw, name, options, retain, positions=No
     rot = seen["position_ids"] if mrope else full_positions_1d(mask)
     text = full_positions_1d(mask)
     visual = visual_positions(arch, kw["input_ids"])
-    with visiontrim.compress(model, name, retain=retain, positions=positions, **options) as handle:
+    with tokensieve.compress(model, name, retain=retain, positions=positions, **options) as handle:
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
         state = handle.state
     record = st.inllm
     L = kw["input_ids"].shape[1]
@@ -223,7 +223,7 @@ def test_preserve_and_compact_differ_on_1d_models(models, name):
     _, opts, retain = IN_LLM[name]
     logits = {}
     for positions in ("preserve", "compact"):
-        with visiontrim.compress(model, name, retain=retain, positions=positions, **opts):
+        with tokensieve.compress(model, name, retain=retain, positions=positions, **opts):
             out = model.generate(**kw, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                                  output_logits=True)
         logits[positions] = torch.stack(out.logits)
@@ -238,7 +238,7 @@ def test_full_retain_is_token_identical(models, arch, name):
     kw = make_batch(model, arch, samples_for(arch, 3))
     base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
     opts = {"layer": 1, "equivalent": "keep"} if name == "fastv" else {"equivalent": "keep"}
-    with visiontrim.compress(model, name, retain=1.0, **opts):
+    with tokensieve.compress(model, name, retain=1.0, **opts):
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
     assert torch.equal(out, base)
 
@@ -258,14 +258,14 @@ def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
     base = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0):
+    with tokensieve.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=-2.0):
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-        assert visiontrim.stats(model).inllm.dp_pruned_steps == 0
+        assert tokensieve.stats(model).inllm.dp_pruned_steps == 0
     assert torch.equal(out, base)  # never re-selects: attends to everything, as without stage 2
-    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
+    with tokensieve.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
         model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
-        hist = visiontrim.stats(model).inllm.dp_history
-        assert visiontrim.stats(model).inllm.dp_pruned_steps >= 1
+        hist = tokensieve.stats(model).inllm.dp_history
+        assert tokensieve.stats(model).inllm.dp_pruned_steps >= 1
         first = hist[0][0]
         assert first is not None and first.numel() == int((1 - 0.7) * 32)
 
@@ -286,7 +286,7 @@ def test_row_attention_equals_rows_of_the_full_eager_matrix(models, arch):
     h = seen["inputs_embeds"]
     B, L = mask.shape
     rows = [torch.tensor([L - 1, L - 3, L - 6 - b]) for b in range(B)]
-    from visiontrim.runtime.inllm import _mask_for
+    from tokensieve.runtime.inllm import _mask_for
 
     with torch.no_grad():
         for idx, layer in enumerate(lm.layers):
@@ -311,18 +311,18 @@ def test_sdpa_runs_never_build_a_full_attention_matrix(models, monkeypatch):
         raise AssertionError("eager attention called")
 
     monkeypatch.setattr(q, "eager_attention_forward", forbidden)
-    with visiontrim.compress(model, "pdrop", retain=0.6):
+    with tokensieve.compress(model, "pdrop", retain=0.6):
         model.generate(**kw, max_new_tokens=2, do_sample=False)
-    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+    with tokensieve.compress(model, "fastv", retain=0.8, layer=2):
         model.generate(**kw, max_new_tokens=2, do_sample=False)
 
 
 def test_stats_report_equivalent_tokens_and_flops(models):
     model = models("llava-onevision", "sdpa")
     kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
-    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+    with tokensieve.compress(model, "fastv", retain=0.8, layer=2):
         model.generate(**kw, max_new_tokens=2, do_sample=False)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     d = st.as_dict()["samples"][1]
     V0 = d["visual_per_layer_in"][0]
     k = d["visual_per_layer_in"][-1]
@@ -349,31 +349,31 @@ def test_plans_and_errors():
     p = FastV(layer=2).plan(1000, 28, 0.25)[0]
     assert p.layer == 1 and abs((2 * 1000 + 26 * p.keep) / 28 - 250) <= 1
     assert FastV(layer=2, equivalent="keep").plan(1000, 28, 0.25)[0].keep == 250
-    with pytest.raises(visiontrim.InputError, match="leaves no visual token after layer K=2"):
+    with pytest.raises(tokensieve.InputError, match="leaves no visual token after layer K=2"):
         FastV(layer=2).plan(1000, 28, 0.05)
     plan = PDrop(ratios=(0.5, 0.25, 0.125)).plan(576, 32, 0.5)
     assert [(p.layer, p.keep, p.source) for p in plan] == [(7, 288, "next"), (15, 144, "next"), (23, 72, "next")]
     plan = PDrop().plan(576, 32, 0.3)
     e_in = (8 * 576 + 8 * plan[0].keep + 8 * plan[1].keep + 8 * plan[2].keep) / 32
     assert abs(e_in - 0.3 * 576) < 8
-    with pytest.raises(visiontrim.InputError, match="strictly increasing"):
+    with pytest.raises(tokensieve.InputError, match="strictly increasing"):
         PDrop(layers=(8, 8))
     assert DyCokeDP().keep_count(100) == 30
 
 
 def test_bad_in_llm_options_fail_before_anything_changes(models):
     model = models("qwen2-vl", "sdpa")
-    with pytest.raises(visiontrim.InputError, match="past the language model's depth"):
-        visiontrim.compress(model, "fastv", retain=0.5, layer=9)
-    with pytest.raises(visiontrim.InputError, match="past the language model's depth"):
-        visiontrim.compress(model, "dycoke", retain=0.5, dp=True, dp_layer=4)
-    with pytest.raises(visiontrim.InputError, match="leaves no visual token"):
-        visiontrim.compress(model, "fastv", retain=0.2, layer=2)
-    with pytest.raises(visiontrim.InputError, match="compact.*not defined .*M-RoPE"):
-        visiontrim.compress(model, "pdrop", retain=0.6, positions="compact")
-    with pytest.raises(visiontrim.InputError, match="retain must be"):
-        visiontrim.compress(model, "pdrop", retain=0)
-    assert not visiontrim.is_compressed(model)
+    with pytest.raises(tokensieve.InputError, match="past the language model's depth"):
+        tokensieve.compress(model, "fastv", retain=0.5, layer=9)
+    with pytest.raises(tokensieve.InputError, match="past the language model's depth"):
+        tokensieve.compress(model, "dycoke", retain=0.5, dp=True, dp_layer=4)
+    with pytest.raises(tokensieve.InputError, match="leaves no visual token"):
+        tokensieve.compress(model, "fastv", retain=0.2, layer=2)
+    with pytest.raises(tokensieve.InputError, match="compact.*not defined .*M-RoPE"):
+        tokensieve.compress(model, "pdrop", retain=0.6, positions="compact")
+    with pytest.raises(tokensieve.InputError, match="retain must be"):
+        tokensieve.compress(model, "pdrop", retain=0)
+    assert not tokensieve.is_compressed(model)
     assert "forward" not in model.model.language_model.__dict__
 
 
@@ -384,9 +384,9 @@ def test_sparsevlm_reference_schedules_on_a_576_token_image(variant, target, e_o
     model = build("qwen2-vl", "sdpa", layers=32)
     kw = make_batch(model, "qwen2-vl", [[("image", (48, 48))]])
     assert int((kw["input_ids"] == IMAGE).sum()) == 576
-    with visiontrim.compress(model, "sparsevlm", retain=0.5, variant=variant, budget="schedule", target=target):
+    with tokensieve.compress(model, "sparsevlm", retain=0.5, variant=variant, budget="schedule", target=target):
         model(**kw)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     eq = st.equivalent_tokens(0)
     assert eq["E_out"] == pytest.approx(e_out)
     if (variant, target) == ("v1.5", 192):
@@ -399,8 +399,8 @@ def test_sparsevlm_reference_schedules_on_a_576_token_image(variant, target, e_o
 def test_sparsevlm_schedule_longer_than_the_sequence_is_a_clear_error(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", [[("video", None)]])
-    with visiontrim.compress(model, "sparsevlm", retain=0.5, budget="schedule", pruning_layers=(1, 2, 3)):
-        with pytest.raises(visiontrim.InputError, match="longer than the sequence|has only"):
+    with tokensieve.compress(model, "sparsevlm", retain=0.5, budget="schedule", pruning_layers=(1, 2, 3)):
+        with pytest.raises(tokensieve.InputError, match="longer than the sequence|has only"):
             model(**kw)
 
 
@@ -411,7 +411,7 @@ def test_generation_defaults_and_prompt_aware_processors_match_the_unpatched_mod
     for extra in ({}, {"repetition_penalty": 1.5}, {"max_length": kw["input_ids"].shape[1] + 3}):
         base = model.generate(**kw, do_sample=False, **extra)
         for name, opts in (("vidcom2", {}), ("fastv", {"layer": 1, "equivalent": "keep"})):
-            with visiontrim.compress(model, name, retain=1.0, **opts):
+            with tokensieve.compress(model, name, retain=1.0, **opts):
                 out = model.generate(**kw, do_sample=False, **extra)
             assert torch.equal(out, base), (extra, name)
 
@@ -422,13 +422,13 @@ def test_a_failed_call_leaves_nothing_pending(models):
     text = torch.randint(2, 100, (1, 30))
     with torch.no_grad():
         base = model(input_ids=text).logits
-    with visiontrim.compress(model, "fastv", retain=0.8, layer=2) as h:
+    with tokensieve.compress(model, "fastv", retain=0.8, layer=2) as h:
         with pytest.raises(Exception):
             model.generate(**kw, max_new_tokens=2, bogus_argument=1)
         assert h.state.pending is None and h.state.session is None
         with torch.no_grad():
             assert torch.equal(model(input_ids=text).logits, base)
-        with pytest.raises(visiontrim.InputError, match="labels are not supported"):
+        with pytest.raises(tokensieve.InputError, match="labels are not supported"):
             model(**kw, labels=kw["input_ids"])
         model.generate(**kw, max_new_tokens=2)
         assert h.state.session is None  # the KV cache is not kept alive after generate
@@ -437,22 +437,22 @@ def test_a_failed_call_leaves_nothing_pending(models):
 def test_unsupported_generation_settings_are_clear_errors(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 1))
-    with visiontrim.compress(model, "pdrop", retain=0.6):
-        with pytest.raises(visiontrim.InputError, match="dynamic KV cache"):
+    with tokensieve.compress(model, "pdrop", retain=0.6):
+        with pytest.raises(tokensieve.InputError, match="dynamic KV cache"):
             model.generate(**kw, max_new_tokens=2, cache_implementation="static")
-        with pytest.raises(visiontrim.InputError, match="prefill_chunk_size"):
+        with pytest.raises(tokensieve.InputError, match="prefill_chunk_size"):
             model.generate(**kw, max_new_tokens=2, prefill_chunk_size=8)
-    with visiontrim.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
-        with pytest.raises(visiontrim.InputError, match="beam search"):
+    with tokensieve.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2):
+        with pytest.raises(tokensieve.InputError, match="beam search"):
             model.generate(**kw, max_new_tokens=2, num_beams=2)
 
 
 def test_a_text_only_sample_in_the_batch(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", [[], [("video", None)], [("video", None)]])
-    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+    with tokensieve.compress(model, "fastv", retain=0.8, layer=2):
         model.generate(**kw, max_new_tokens=2)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     assert st.inllm.points == [(1, "self")]
     assert st.inllm.v_in[0] == [0, 0, 0, 0] and st.inllm.v_in[1][0] > st.inllm.v_in[1][-1]
 
@@ -472,6 +472,6 @@ def test_kernels_that_read_the_module_config_see_the_real_one(models, monkeypatc
     ALL_ATTENTION_FUNCTIONS.register("vt_checking", checking)
     model.config._attn_implementation = "vt_checking"
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
-    with visiontrim.compress(model, "fastv", retain=0.8, layer=2):
+    with tokensieve.compress(model, "fastv", retain=0.8, layer=2):
         model.generate(**kw, max_new_tokens=2)
     assert seen and set(seen) == {"vt_checking"}

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import visiontrim
-from visiontrim.methods import (
+import tokensieve
+from tokensieve.methods import (
     RandomSelect,
     UniformSelect,
     VidCom2,
@@ -214,7 +214,7 @@ def test_evenly_spaced_and_uniform_method():
 
 
 def test_random_is_seeded_and_streams_differ_per_segment():
-    from visiontrim.methods import SegmentContext
+    from tokensieve.methods import SegmentContext
 
     x = torch.randn(4, 30, 8)
     a = RandomSelect(seed=1).select(x, 0.3)
@@ -225,13 +225,13 @@ def test_random_is_seeded_and_streams_differ_per_segment():
 
 
 def test_registry():
-    names = [m.name for m in visiontrim.methods.list()]
+    names = [m.name for m in tokensieve.methods.list()]
     assert {"vidcom2", "random", "uniform"} <= set(names)
-    spec = visiontrim.methods.get("vidcom2")
+    spec = tokensieve.methods.get("vidcom2")
     assert spec.stage == "pre-llm" and "fca" in spec.budget_policies and "exact" in spec.options
-    with pytest.raises(visiontrim.InputError, match="unknown method 'nope'.*vidcom2"):
-        visiontrim.methods.get("nope")
-    with pytest.raises(visiontrim.InputError, match="does not accept option"):
+    with pytest.raises(tokensieve.InputError, match="unknown method 'nope'.*vidcom2"):
+        tokensieve.methods.get("nope")
+    with pytest.raises(tokensieve.InputError, match="does not accept option"):
         spec.create(bogus=1)
-    with pytest.raises(visiontrim.InputError, match="budget"):
-        visiontrim.methods.get("random").create(budget="weird")
+    with pytest.raises(tokensieve.InputError, match="budget"):
+        tokensieve.methods.get("random").create(budget="weird")

@@ -9,9 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import visiontrim
-from visiontrim.methods import LFTR, SegmentContext, fca_budget
-from visiontrim.methods.lftr import (
+import tokensieve
+from tokensieve.methods import LFTR, SegmentContext, fca_budget
+from tokensieve.methods.lftr import (
     lftr_counts,
     representative_mean,
     temporal_absorb,
@@ -67,7 +67,7 @@ def test_paper_setting_from_retain_one_sixteenth_and_remove_semantics():
 
 def test_retain_driven_totals_are_the_library_count():
     for T, M, r in [(32, 196, 0.25), (8, 49, 0.15), (1, 729, 0.3), (3, 10, 0.9)]:
-        target = visiontrim.methods.retained_count(T, T * M, r)
+        target = tokensieve.methods.retained_count(T, T * M, r)
         for opts in [{}, {"temporal": "off"}, {"split": "temporal_only"}]:
             assert LFTR(**opts).counts(T, M, r)[1] == target
         # a fixed temporal ratio: the spatial stage removes the rest, if anything is left to remove
@@ -262,13 +262,13 @@ def test_low_precision_inputs_score_in_fp32(dtype):
 
 def test_missing_signals_name_the_method_and_the_signal():
     x = torch.randn(2, 8, 4)
-    with pytest.raises(visiontrim.InputError, match="lftr.*question text"):
+    with pytest.raises(tokensieve.InputError, match="lftr.*question text"):
         LFTR().select(x, 0.25)
-    with pytest.raises(visiontrim.InputError, match="lftr.*question text"):
+    with pytest.raises(tokensieve.InputError, match="lftr.*question text"):
         LFTR().select(x, 0.25, SegmentContext(text=torch.zeros(0, 4)))
-    with pytest.raises(visiontrim.InputError, match="lftr.*vision-encoder attention"):
+    with pytest.raises(tokensieve.InputError, match="lftr.*vision-encoder attention"):
         LFTR(spatial="topic").select(x, 0.25, SegmentContext(text=torch.randn(2, 4)))
-    with pytest.raises(visiontrim.InputError, match=r"\[2, 8\]"):
+    with pytest.raises(tokensieve.InputError, match=r"\[2, 8\]"):
         LFTR(spatial="topic").select(x, 0.25, SegmentContext(encoder_attention=torch.rand(8)))
     assert LFTR(spatial="off").select(x, 0.25).keep.numel() == 9  # no signal needed
 
@@ -286,12 +286,12 @@ def test_missing_signals_name_the_method_and_the_signal():
     ],
 )
 def test_bad_options(opts, pattern):
-    with pytest.raises(visiontrim.InputError, match=pattern):
+    with pytest.raises(tokensieve.InputError, match=pattern):
         LFTR(**opts)
 
 
 def test_registry_entry():
-    spec = visiontrim.methods.get("lftr")
+    spec = tokensieve.methods.get("lftr")
     assert spec.stage == "pre-llm" and spec.needs_text and set(spec.budget_policies) == {"uniform", "fca"}
     assert {"temporal", "spatial", "temporal_ratio", "spatial_ratio", "budget"} <= set(spec.options)
     assert spec.create(spatial="topic").needs_encoder_attention
@@ -340,7 +340,7 @@ def test_exact_totals_and_well_formed_selection(
     assert torch.equal(torch.bincount(keep // M, minlength=T), out.frame_counts)
     if floor == 1:
         assert bool((out.frame_counts >= 1).all())
-    target = visiontrim.methods.retained_count(T, N, r)
+    target = tokensieve.methods.retained_count(T, N, r)
     if rho_t is None and rho_s is None and spatial != "off":
         assert K == target
     if rho_t is None and spatial == "off" and temporal != "off" and T > 1:

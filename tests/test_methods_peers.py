@@ -7,10 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import visiontrim
-from visiontrim.methods import DyCoke, SegmentContext, VisionZip, fca_budget, retained_count
-from visiontrim.methods.dycoke import dycoke_count, ttm_plan
-from visiontrim.methods.visionzip import contextual_merge, visionzip_split
+import tokensieve
+from tokensieve.methods import DyCoke, SegmentContext, VisionZip, fca_budget, retained_count
+from tokensieve.methods.dycoke import dycoke_count, ttm_plan
+from tokensieve.methods.visionzip import contextual_merge, visionzip_split
 
 
 def attention(T: int, M: int, seed: int = 0) -> SegmentContext:
@@ -87,13 +87,13 @@ def test_visionzip_identity_at_full_retain_and_per_frame_budgets():
 
 def test_visionzip_needs_attention_unless_the_norm_proxy_is_used():
     x = torch.randn(2, 10, 4)
-    with pytest.raises(visiontrim.InputError, match="visionzip.*vision-encoder attention"):
+    with pytest.raises(tokensieve.InputError, match="visionzip.*vision-encoder attention"):
         VisionZip().select(x, 0.5)
-    with pytest.raises(visiontrim.InputError, match=r"visionzip.*\[2, 10\]"):
+    with pytest.raises(tokensieve.InputError, match=r"visionzip.*\[2, 10\]"):
         VisionZip().select(x, 0.5, SegmentContext(encoder_attention=torch.rand(20)))
     sel = VisionZip(dominant_score="norm").select(x, 0.5)
     assert sel.keep.numel() == 10
-    with pytest.raises(visiontrim.InputError, match="visionzip option contextual_op"):
+    with pytest.raises(tokensieve.InputError, match="visionzip option contextual_op"):
         VisionZip(contextual_op="sum")
 
 
@@ -205,14 +205,14 @@ def test_fca_biases_only_the_pruned_frames():
     ],
 )
 def test_dycoke_bad_options(opts, pattern):
-    with pytest.raises(visiontrim.InputError, match=pattern):
+    with pytest.raises(tokensieve.InputError, match=pattern):
         DyCoke(**opts)
 
 
 def test_registry_entries():
-    vz = visiontrim.methods.get("visionzip")
+    vz = tokensieve.methods.get("visionzip")
     assert vz.needs_encoder_attention and set(vz.budget_policies) == {"uniform", "fca"}
-    dc = visiontrim.methods.get("dycoke")
+    dc = tokensieve.methods.get("dycoke")
     assert not dc.needs_encoder_attention and not dc.needs_text and "dycoke_k" in dc.options
     assert isinstance(dc.create(ttm_op="average_into_anchor"), DyCoke)
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from visiontrim import methods
-from visiontrim.errors import InputError
-from visiontrim.methods.sparsevlm import (
+from tokensieve import methods
+from tokensieve.errors import InputError
+from tokensieve.methods.sparsevlm import (
     SCHEDULES,
     SparseVLMOptions,
     check_schedule,

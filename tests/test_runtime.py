@@ -1,7 +1,7 @@
 """Runtime invariants of DESIGN.md (1–6) on tiny random models of every adapter.
 
 The by-hand reference: capture what the *unpatched* model feeds its language model, gather
-the kept positions (from ``visiontrim.stats``) independently of the runtime, and decode with
+the kept positions (from ``tokensieve.stats``) independently of the runtime, and decode with
 the unpatched language model step by step.
 """
 
@@ -20,8 +20,8 @@ from _builders import (
     reference_greedy,
 )
 
-import visiontrim
-from visiontrim.methods import VidCom2
+import tokensieve
+from tokensieve.methods import VidCom2
 
 N_NEW = 5
 
@@ -59,12 +59,12 @@ def test_retain_one_is_token_identical(models, arch, attn, batch, method):
     model = models(arch, attn)
     kw = make_batch(model, arch, samples_for(arch, batch))
     base = greedy(model, kw)
-    with visiontrim.compress(model, method, retain=1.0):
+    with tokensieve.compress(model, method, retain=1.0):
         out = greedy(model, kw)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     assert st.tokens_after == st.tokens_before
     assert torch.equal(out, base)
-    assert not visiontrim.is_compressed(model)
+    assert not tokensieve.is_compressed(model)
 
 
 METHODS = {
@@ -104,10 +104,10 @@ def test_pruned_matches_reference(models, arch, attn, batch, method):
     seen = capture_lm_inputs(model, kw)
     full_embeds = seen["inputs_embeds"]
     full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
-    with visiontrim.compress(model, name, retain=0.25, **options) as handle:
+    with tokensieve.compress(model, name, retain=0.25, **options) as handle:
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
         with torch.no_grad():
             logits = model(**kw).logits
     positions = handle.positions
@@ -140,9 +140,9 @@ def test_position_modes_match_reference(models, arch, positions):
     kw = make_batch(model, arch, samples_for(arch, 3))
     seen = capture_lm_inputs(model, kw)
     full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
-    with visiontrim.compress(model, "vidcom2", retain=0.25, positions=positions):
+    with tokensieve.compress(model, "vidcom2", retain=0.25, positions=positions):
         out = greedy(model, kw)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     emb, mask, pos = gather_by_hand(seen["inputs_embeds"], full_pos, kw["attention_mask"], st.keep, positions, mrope)
     ref_tokens, _, _ = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
     assert torch.equal(out[:, kw["input_ids"].shape[1]:], ref_tokens)
@@ -154,9 +154,9 @@ def test_selection_is_the_methods_choice_on_the_models_features(models, arch):
     model = models(arch, "sdpa")
     kw = make_batch(model, arch, samples_for(arch, 3))
     seen = capture_lm_inputs(model, kw)
-    with visiontrim.compress(model, "vidcom2", retain=0.25):
+    with tokensieve.compress(model, "vidcom2", retain=0.25):
         greedy(model, kw)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     ids = kw["input_ids"]
     for b in range(ids.shape[0]):
         video_pos = (ids[b] == VIDEO).nonzero(as_tuple=True)[0]
@@ -192,10 +192,10 @@ def test_decode_positions_continue_like_the_unpruned_model(models, arch):
         return seen
 
     base = decode_positions()
-    with visiontrim.compress(model, "vidcom2", retain=0.25):
+    with tokensieve.compress(model, "vidcom2", retain=0.25):
         pruned = decode_positions()
         deltas = model.model.rope_deltas
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     assert len(base) == len(pruned) == N_NEW - 1
     for a, b in zip(base, pruned):
         assert torch.equal(a, b)
@@ -211,18 +211,18 @@ def test_restore_brings_back_exact_behaviour(models, arch):
     with torch.no_grad():
         base_logits = model(**kw).logits
     base_tokens = greedy(model, kw)
-    handle = visiontrim.compress(model, "vidcom2", retain=0.25)
+    handle = tokensieve.compress(model, "vidcom2", retain=0.25)
     assert "forward" in model.__dict__ and "generate" in model.__dict__
     with torch.no_grad():
         assert model(**kw).logits.shape[1] < base_logits.shape[1]
-    visiontrim.restore(model)
+    tokensieve.restore(model)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
-    assert not visiontrim.is_compressed(model)
+    assert not tokensieve.is_compressed(model)
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, base_logits)
     assert torch.equal(greedy(model, kw), base_tokens)
     handle.restore()  # restoring twice is harmless
-    visiontrim.restore(model)
+    tokensieve.restore(model)
 
 
 def test_restore_keeps_an_earlier_instance_wrapper(models):
@@ -235,17 +235,17 @@ def test_restore_keeps_an_earlier_instance_wrapper(models):
         return original(*a, **k)
 
     model.forward = user_forward
-    visiontrim.compress(model, "uniform", retain=0.5)
-    visiontrim.restore(model)
+    tokensieve.compress(model, "uniform", retain=0.5)
+    tokensieve.restore(model)
     assert model.forward is user_forward
 
 
 def test_patching_twice_is_an_error_and_changes_nothing(models):
     model = models("qwen2-vl", "sdpa")
-    with visiontrim.compress(model, "vidcom2", retain=0.25) as h:
+    with tokensieve.compress(model, "vidcom2", retain=0.25) as h:
         fwd = model.__dict__["forward"]
-        with pytest.raises(visiontrim.InputError, match="already compressed"):
-            visiontrim.compress(model, "random", retain=0.5)
+        with pytest.raises(tokensieve.InputError, match="already compressed"):
+            tokensieve.compress(model, "random", retain=0.5)
         assert model.__dict__["forward"] is fwd
         assert h.method == "vidcom2"
 
@@ -255,7 +255,7 @@ def test_beam_search_and_multiple_returns_at_full_retain(models, arch):
     model = models(arch, "sdpa")
     kw = make_batch(model, arch, samples_for(arch, 3))
     base = greedy(model, kw, num_beams=2, num_return_sequences=2)
-    with visiontrim.compress(model, "vidcom2", retain=1.0):
+    with tokensieve.compress(model, "vidcom2", retain=1.0):
         out = greedy(model, kw, num_beams=2, num_return_sequences=2)
     assert torch.equal(out, base)
 
@@ -265,11 +265,11 @@ def test_text_only_calls_pass_through(models):
     ids = torch.randint(2, 100, (2, 7))
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    with visiontrim.compress(model, "vidcom2", retain=0.25):
+    with tokensieve.compress(model, "vidcom2", retain=0.25):
         with torch.no_grad():
             out = model(input_ids=ids).logits
-        with pytest.raises(visiontrim.InputError, match="no compressed forward"):
-            visiontrim.stats(model)
+        with pytest.raises(tokensieve.InputError, match="no compressed forward"):
+            tokensieve.stats(model)
     assert torch.equal(base, out)
 
 
@@ -277,7 +277,7 @@ def test_labels_are_gathered_with_the_tokens(models):
     model = models("qwen2-vl", "sdpa")
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 3))
     labels = kw["input_ids"].masked_fill(kw["attention_mask"] == 0, -100)
-    with visiontrim.compress(model, "vidcom2", retain=0.25):
+    with tokensieve.compress(model, "vidcom2", retain=0.25):
         with torch.no_grad():
             out = model(**kw, labels=labels)
     assert torch.isfinite(out.loss)
@@ -288,7 +288,7 @@ def test_max_length_counts_the_callers_prompt(models):
     kw = make_batch(model, "qwen2-vl", samples_for("qwen2-vl", 1))
     L = kw["input_ids"].shape[1]
     base = model.generate(**kw, max_length=L + 3, do_sample=False)
-    with visiontrim.compress(model, "vidcom2", retain=0.5):
+    with tokensieve.compress(model, "vidcom2", retain=0.5):
         out = model.generate(**kw, max_length=L + 3, do_sample=False)
     assert out.shape == base.shape == (1, L + 3)
 
@@ -299,12 +299,12 @@ def test_right_padding_gives_the_same_logits_as_left_padding(models, arch):
     samples = samples_for(arch, 3)
     left = make_batch(model, arch, samples, padding_side="left")
     right = make_batch(model, arch, samples, padding_side="right")
-    with visiontrim.compress(model, "vidcom2", retain=0.25):
+    with tokensieve.compress(model, "vidcom2", retain=0.25):
         with torch.no_grad():
             out_l = model(**left).logits
-            m_l = visiontrim.stats(model)
+            m_l = tokensieve.stats(model)
             out_r = model(**right).logits
-            m_r = visiontrim.stats(model)
+            m_r = tokensieve.stats(model)
     assert m_l.seq_after == m_r.seq_after
     for b, n in enumerate(m_l.seq_after):
         torch.testing.assert_close(out_l[b, -n:], out_r[b, :n], rtol=1e-4, atol=1e-5)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from _builders import IMAGE, V_END, VIDEO, build, capture_lm_inputs, make_batch
 
-import visiontrim
-from visiontrim.methods import LFTR
-from visiontrim.methods.signals import frame_mean_attention
-from visiontrim.models import get_adapter
+import tokensieve
+from tokensieve.methods import LFTR
+from tokensieve.methods.signals import frame_mean_attention
+from tokensieve.models import get_adapter
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,9 @@ def qwen():
 
 def test_question_is_the_text_after_the_last_visual_input(qwen):
     kw = make_batch(qwen, "qwen2-vl", [[("video", None)], [("image", (4, 6)), ("video", None)]])
-    with visiontrim.compress(qwen, "lftr", retain=0.25):
+    with tokensieve.compress(qwen, "lftr", retain=0.25):
         qwen.generate(**kw, max_new_tokens=2)
-        st = visiontrim.stats(qwen)
+        st = tokensieve.stats(qwen)
     ids, mask = kw["input_ids"], kw["attention_mask"]
     for b in range(ids.shape[0]):
         last_visual = int(((ids[b] == VIDEO) | (ids[b] == IMAGE)).nonzero().max())
@@ -37,14 +37,14 @@ def test_question_mask_overrides_the_rule_and_changes_the_text_selection(qwen):
     ids = kw["input_ids"]
     first = torch.zeros_like(ids, dtype=torch.bool)
     first[0, :3] = True  # the leading text tokens instead of the trailing ones
-    with visiontrim.compress(qwen, "lftr", retain=0.25, temporal="off"):
+    with tokensieve.compress(qwen, "lftr", retain=0.25, temporal="off"):
         qwen(**kw)
-        default = visiontrim.stats(qwen)
+        default = tokensieve.stats(qwen)
         qwen(**kw, question_mask=first)
-        custom = visiontrim.stats(qwen)
-        with pytest.raises(visiontrim.InputError, match="needs the question text.*question_mask"):
+        custom = tokensieve.stats(qwen)
+        with pytest.raises(tokensieve.InputError, match="needs the question text.*question_mask"):
             qwen(**kw, question_mask=torch.zeros_like(first))
-        with pytest.raises(visiontrim.InputError, match="question_mask must be a bool tensor shaped like"):
+        with pytest.raises(tokensieve.InputError, match="question_mask must be a bool tensor shaped like"):
             qwen(**kw, question_mask=first[:, :5])
     assert custom.question[0].tolist() == [0, 1, 2]
     assert not torch.equal(default.keep[0], custom.keep[0])
@@ -53,15 +53,15 @@ def test_question_mask_overrides_the_rule_and_changes_the_text_selection(qwen):
 def test_text_selection_equals_the_method_on_the_question_embeddings(qwen):
     kw = make_batch(qwen, "qwen2-vl", [[("video", None)]])
     seen = capture_lm_inputs(qwen, kw)
-    with visiontrim.compress(qwen, "lftr", retain=0.25, temporal="off"):
+    with tokensieve.compress(qwen, "lftr", retain=0.25, temporal="off"):
         qwen(**kw)
-        st = visiontrim.stats(qwen)
+        st = tokensieve.stats(qwen)
     seg = st.segments[0][0]
     T, H, W = seg.grid
     content = (kw["input_ids"][0] == VIDEO).nonzero(as_tuple=True)[0]
     x = seen["inputs_embeds"][0, content].view(T, H * W, -1)
     text = seen["inputs_embeds"][0, st.question[0]]
-    from visiontrim.methods import SegmentContext
+    from tokensieve.methods import SegmentContext
 
     sel = LFTR(temporal="off").select(x, 0.25, SegmentContext(grid=(T, H, W), text=text))
     assert torch.equal(content[sel.keep], st.keep[0][torch.isin(st.keep[0], content)])
@@ -69,9 +69,9 @@ def test_text_selection_equals_the_method_on_the_question_embeddings(qwen):
 
 def test_frame_mean_stand_in_for_encoders_without_a_summary_token(qwen):
     kw = make_batch(qwen, "qwen2-vl", [[("video", None)]])
-    with visiontrim.compress(qwen, "visionzip", retain=0.5):
+    with tokensieve.compress(qwen, "visionzip", retain=0.5):
         qwen(**kw)
-        assert visiontrim.stats(qwen).encoder_signal == "frame-mean"
+        assert tokensieve.stats(qwen).encoder_signal == "frame-mean"
     x = torch.randn(2, 5, 8)
     a = frame_mean_attention(x)
     assert torch.allclose(a, (x * x.mean(1, keepdim=True)).sum(-1) / math.sqrt(8))
@@ -82,9 +82,9 @@ def test_siglip_probe_attention_matches_the_pooling_head():
     model = build("llava-onevision", "sdpa", siglip_head=True)
     kw = make_batch(model, "llava-onevision", [[("video", None)]])
     seen = capture_lm_inputs(model, kw)
-    with visiontrim.compress(model, "lftr", retain=0.25, temporal="off", spatial="topic"):
+    with tokensieve.compress(model, "lftr", retain=0.25, temporal="off", spatial="topic"):
         model(**kw)
-        st = visiontrim.stats(model)
+        st = tokensieve.stats(model)
     assert st.encoder_signal == "siglip-probe"
     # the reference: the head's nn.MultiheadAttention weights, averaged over heads, resized like the features
     tower = model.model.vision_tower
@@ -100,7 +100,7 @@ def test_siglip_probe_attention_matches_the_pooling_head():
     T, H, W = seg.grid
     content = (kw["input_ids"][0] == VIDEO).nonzero(as_tuple=True)[0][:-1]
     x = seen["inputs_embeds"][0, content].view(T, H * W, -1)
-    from visiontrim.methods import SegmentContext
+    from tokensieve.methods import SegmentContext
 
     sel = LFTR(temporal="off", spatial="topic").select(x, 0.25, SegmentContext(grid=seg.grid, encoder_attention=amap))
     assert torch.equal(content[sel.keep], st.keep[0][torch.isin(st.keep[0], content)])
@@ -114,9 +114,9 @@ def test_a_family_without_any_encoder_signal_gets_a_clear_error(qwen, monkeypatc
     adapter = get_adapter(qwen)
     monkeypatch.setattr(type(adapter), "fallback_encoder_signal", None)
     kw = make_batch(qwen, "qwen2-vl", [[("video", None)]])
-    with visiontrim.compress(qwen, "lftr", retain=0.25, spatial="topic"):
-        with pytest.raises(visiontrim.InputError,
+    with tokensieve.compress(qwen, "lftr", retain=0.25, spatial="topic"):
+        with pytest.raises(tokensieve.InputError,
                            match="method 'lftr' needs vision-encoder attention, which Qwen2VLForConditionalGeneration"):
             qwen(**kw)
-    with visiontrim.compress(qwen, "lftr", retain=0.25, spatial="text"):
+    with tokensieve.compress(qwen, "lftr", retain=0.25, spatial="text"):
         qwen(**kw)  # the text variant needs no encoder signal

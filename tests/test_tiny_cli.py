@@ -1,4 +1,4 @@
-"""Tests of visiontrim.tiny (offline tiny models) and the ``visiontrim`` command line."""
+"""Tests of tokensieve.tiny (offline tiny models) and the ``tokensieve`` command line."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontrim.cli import main
-from visiontrim.tiny import ARCHS, FRAME_SIZE, build_tokenizer, tiny_config
-from visiontrim.processing import has_torchvision, load_processor
+from tokensieve.cli import main
+from tokensieve.tiny import ARCHS, FRAME_SIZE, build_tokenizer, tiny_config
+from tokensieve.processing import has_torchvision, load_processor
 
 QUESTION = "what is shown"
 Capsys = pytest.CaptureFixture[str]
@@ -53,7 +53,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_models(workdir: Path) -> dict[str, Path]:
-    """One tiny model per architecture, written through ``visiontrim make-tiny``."""
+    """One tiny model per architecture, written through ``tokensieve make-tiny``."""
     paths = {}
     for arch in ARCHS:
         path = workdir / f"tiny-{arch}"
@@ -215,7 +215,7 @@ def test_make_tiny_rejects_file_target(workdir: Path, capsys: Capsys) -> None:
 
 def test_python_dash_m() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "visiontrim", "methods", "--json"]
+    command = [sys.executable, "-m", "tokensieve", "methods", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "vidcom2" in done.stdout

@@ -1,4 +1,4 @@
-"""Tests of visiontrim.video: decoding, uniform sampling, error messages, array video processor."""
+"""Tests of tokensieve.video: decoding, uniform sampling, error messages, array video processor."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visiontrim.errors import InputError, VisiontrimError
-from visiontrim.processing import ArrayVideoProcessor
-from visiontrim.video import (
+from tokensieve.errors import InputError, TokensieveError
+from tokensieve.processing import ArrayVideoProcessor
+from tokensieve.video import (
     load_image,
     load_video,
     read_video,
@@ -101,7 +101,7 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="video file not found") as info:
         load_video(missing)
     assert str(missing) in str(info.value)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, VisiontrimError)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TokensieveError)
 
 
 def test_directory_is_rejected(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""A 20-question smoke run of ``visiontrim demo`` through the command line."""
+"""A 20-question smoke run of ``tokensieve demo`` through the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from visiontrim.cli import main
+from tokensieve.cli import main
 
 
 def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

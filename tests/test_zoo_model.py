@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from visiontrim.zoo import synthvid
-from visiontrim.zoo.model import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded, load_model, prompt_for
-from visiontrim.zoo.train import (
+from tokensieve.zoo import synthvid
+from tokensieve.zoo.model import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded, load_model, prompt_for
+from tokensieve.zoo.train import (
     COUNT_SINK,
     TOKEN_WORDS,
     Turn,
@@ -48,7 +48,7 @@ def test_loads_with_from_pretrained() -> None:
 
 
 def test_answers_held_out_questions_from_the_video(embedded: tuple[object, object]) -> None:
-    from visiontrim.zoo.evaluate import answer, score
+    from tokensieve.zoo.evaluate import answer, score
 
     model, processor = embedded
     examples = [synthvid.make_example(s) for s in synthvid.heldout_seeds(40, seed=3)]
@@ -211,7 +211,7 @@ def test_training_conversations() -> None:
 def test_count_guidance_is_lowest_at_its_target_spread() -> None:
     """The count guidance is minimised by attention that gives each target token one share and
     the first token COUNT_SINK shares, so what the head reads grows with the count."""
-    from visiontrim.zoo.train import COUNT_HEAD, GUIDED_LAYERS, _attention_loss
+    from tokensieve.zoo.train import COUNT_HEAD, GUIDED_LAYERS, _attention_loss
 
     processor = build_processor()
     example = next(synthvid.make_example(s) for s in range(1, 400, 5) if synthvid.make_example(s).answer == "three")
@@ -238,7 +238,7 @@ def test_count_guidance_is_lowest_at_its_target_spread() -> None:
 def test_question_guidance_is_lowest_spread_evenly_over_the_asked_words() -> None:
     """The first layer's question head is guided to bring the colour and the shape word of a
     count question to the answer position in equal shares, so the heads above can match both."""
-    from visiontrim.zoo.train import QUESTION_HEAD, _attention_loss
+    from tokensieve.zoo.train import QUESTION_HEAD, _attention_loss
 
     processor = build_processor()
     example = next(synthvid.make_example(s) for s in range(1, 400, 5))
@@ -260,7 +260,7 @@ def test_question_guidance_is_lowest_spread_evenly_over_the_asked_words() -> Non
 
 
 def test_count_focus_weighs_only_the_count_guidance() -> None:
-    from visiontrim.zoo.train import _attention_loss
+    from tokensieve.zoo.train import _attention_loss
 
     processor = build_processor()
     examples = [synthvid.make_example(s) for s in range(10)]
@@ -280,8 +280,8 @@ def test_count_focus_weighs_only_the_count_guidance() -> None:
 
 
 def test_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
-    from visiontrim.errors import InputError
-    from visiontrim.zoo.model import load_model
+    from tokensieve.errors import InputError
+    from tokensieve.zoo.model import load_model
 
     with pytest.raises(InputError, match="config.json"):
         load_model(tmp_path)
@@ -293,7 +293,7 @@ def test_training_runs_both_stages_and_resumes_exactly(tmp_path: Path, monkeypat
     import torch
     from safetensors.torch import load_file
 
-    from visiontrim.zoo import train as train_mod
+    from tokensieve.zoo import train as train_mod
 
     def args(name: str) -> list[str]:
         return ["--vision-steps", "2", "--steps", "2", "--batch-size", "2", "--warmup", "2", "--threads", "1",
@@ -327,8 +327,8 @@ def test_vision_tower_stays_fixed_after_the_vision_steps(tmp_path: Path) -> None
     the decoder learn. ``--no-freeze-vision`` lets the tower learn too."""
     from safetensors.torch import load_file
 
-    from visiontrim.zoo import train as train_mod
-    from visiontrim.zoo.model import build_model
+    from tokensieve.zoo import train as train_mod
+    from tokensieve.zoo.model import build_model
 
     initial = {k.removeprefix("model."): v.half() for k, v in build_model(0, build_tokenizer()).state_dict().items()}
     base = ["--vision-steps", "0", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--threads", "1",
@@ -347,7 +347,7 @@ def test_vision_tower_stays_fixed_after_the_vision_steps(tmp_path: Path) -> None
 @pytest.mark.parametrize(("flag", "value"), [("--extra-questions", "-1"), ("--extra-questions", "x"), ("--threads", "0"), ("--count-focus", "-1"),
      ("--count-focus", "nan"), ("--count-focus", "x")])
 def test_count_arguments_are_checked(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontrim.zoo.train import build_parser
+    from tokensieve.zoo.train import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args([flag, value])
@@ -356,7 +356,7 @@ def test_count_arguments_are_checked(flag: str, value: str, capsys: pytest.Captu
 
 @pytest.mark.parametrize("text", ["1,2", "1,1,1,1,-1", "0,0,0,0,0", "a,b,c,d,e"])
 def test_family_weights_argument_is_checked(text: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontrim.zoo.train import build_parser
+    from tokensieve.zoo.train import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--family-weights", text])

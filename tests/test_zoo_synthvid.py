@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from visiontrim.zoo import synthvid
-from visiontrim.zoo.synthvid import (
+from tokensieve.zoo import synthvid
+from tokensieve.zoo.synthvid import (
     COLOURS,
     FAMILIES,
     FRAMES,

@@ -2,8 +2,8 @@
 
 ``python benchmarks/quality/answers.py [--family order] [--method vidcom2] [--retain 0.25]
 [-o KEY=VALUE ...] [--n 500]`` takes the questions of ``--family`` among the first ``--n``
-held-out questions (set 0, as ``visiontrim bench quality`` uses), answers them with the method
-installed (``--method none``: uncompressed; ``-o``: the method's options, as ``visiontrim run``
+held-out questions (set 0, as ``tokensieve bench quality`` uses), answers them with the method
+installed (``--method none``: uncompressed; ``-o``: the method's options, as ``tokensieve run``
 takes them) and prints how many are right and which words were answered. For ``order`` it also
 counts answers that name the other named shape, or neither.
 """
@@ -14,11 +14,11 @@ import argparse
 import contextlib
 from collections import Counter
 
-import visiontrim
-from visiontrim.cli import _option
-from visiontrim.zoo import synthvid
-from visiontrim.zoo.evaluate import answer
-from visiontrim.zoo.model import load_embedded
+import tokensieve
+from tokensieve.cli import _option
+from tokensieve.zoo import synthvid
+from tokensieve.zoo.evaluate import answer
+from tokensieve.zoo.model import load_embedded
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     examples = [e for e in map(synthvid.make_example, synthvid.heldout_seeds(args.n, 0)) if e.family == args.family]
     options = dict(args.option)
     method = (contextlib.nullcontext() if args.method == "none"
-              else visiontrim.compress(model, args.method, retain=args.retain, **options))
+              else tokensieve.compress(model, args.method, retain=args.retain, **options))
     with method:
         answers = [synthvid.normalise_answer(text) for text in answer(model, processor, examples, batch_size=25)]
     right = sum(word == example.answer for word, example in zip(answers, examples))

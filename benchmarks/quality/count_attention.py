@@ -1,20 +1,20 @@
 """Where the embedded model looks when it answers ``count`` questions.
 
 ``python benchmarks/quality/count_attention.py [--model PATH] [--n 100]`` takes the first
-``--n`` ``count`` questions of the held-out set (set 0, as ``visiontrim bench quality`` uses),
+``--n`` ``count`` questions of the held-out set (set 0, as ``tokensieve bench quality`` uses),
 runs one uncompressed forward pass with eager attention, and prints, from each question's
 answer position:
 
 * in the first decoder layer, per head, the attention on the question's colour word and on its
   shape word (*how many times did the* **red circle** *appear*);
-* in the guided layers, on the count head (``visiontrim.zoo.train.COUNT_HEAD``), the mean
+* in the guided layers, on the count head (``tokensieve.zoo.train.COUNT_HEAD``), the mean
   attention per visual token on the target, on distractors of the same colour but another
   shape, of the same shape but another colour, and of neither, and on the first token;
 * the share of answers right (the answer word's logit is the largest).
 
-Any model trained by ``python -m visiontrim.zoo.train`` can be passed; to see an earlier
+Any model trained by ``python -m tokensieve.zoo.train`` can be passed; to see an earlier
 embedded model, check out its commit (e.g. ``git worktree add /tmp/old <commit>``) and pass
-``--model /tmp/old/src/visiontrim/zoo/embedded``.
+``--model /tmp/old/src/tokensieve/zoo/embedded``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import itertools
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from visiontrim.zoo import synthvid
-from visiontrim.zoo.model import EMBEDDED_DIR, build_processor, build_tokenizer
-from visiontrim.zoo.train import COUNT_HEAD, GUIDED_LAYERS, _track_tokens, make_batch
+from tokensieve.zoo import synthvid
+from tokensieve.zoo.model import EMBEDDED_DIR, build_processor, build_tokenizer
+from tokensieve.zoo.train import COUNT_HEAD, GUIDED_LAYERS, _track_tokens, make_batch
 
 
 def main() -> None:

@@ -1,0 +1,141 @@
+"""Public API: ``compress``, ``restore``, ``stats``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import methods as _methods
+from .errors import InputError
+from .methods.budget import check_retain
+from .models import get_adapter
+from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
+from .runtime.patch import check_transformers, lm_shape
+
+
+class TrimHandle:
+    """Returned by :func:`compress`. Use as a context manager to restore on exit."""
+
+    def __init__(self, model: torch.nn.Module, state: TrimState) -> None:
+        self.model = model
+        self.state = state
+
+    @property
+    def method(self) -> str:
+        return self.state.spec.name
+
+    @property
+    def retain(self) -> float:
+        return self.state.retain
+
+    @property
+    def positions(self) -> str:
+        return self.state.positions
+
+    def stats(self) -> TrimStats:
+        return stats(self.model)
+
+    def restore(self) -> None:
+        if get_state(self.model) is self.state:
+            uninstall(self.model)
+
+    def __enter__(self) -> "TrimHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        return (
+            f"TrimHandle(method={self.method!r}, retain={self.retain}, positions={self.positions!r}, "
+            f"model={type(self.model).__name__})"
+        )
+
+
+def compress(
+    model: torch.nn.Module,
+    method: str = "vidcom2",
+    retain: float = 0.25,
+    *,
+    positions: str | None = None,
+    **options: Any,
+) -> TrimHandle:
+    """Patch ``model`` in place so its visual tokens are compressed by ``method``.
+
+    Args:
+        model: a loaded ``LlavaOnevisionForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+        method: a registered method name (``tokensieve.methods.names()``).
+        retain: fraction of each image's / video's content tokens kept, in (0, 1]; the
+            kept count is exactly ``round(retain · N)`` per segment (at least one per frame).
+        positions: ``"preserve"`` (kept tokens keep their original position ids) or
+            ``"compact"`` (renumbered); default: what the method's reference used on this
+            model family.
+        **options: method options (see ``tokensieve.methods.get(method).options``).
+
+    Every argument is validated before the model is touched; an invalid call leaves the
+    model unchanged. Compressing an already compressed model is an error.
+    """
+    adapter = get_adapter(model)
+    spec = _methods.get(method)
+    value = check_retain(retain)
+    if positions is not None and positions not in POSITION_MODES:
+        raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
+    method = spec.create(**options)
+    num_layers = lm_shape(model)[3]
+    inllm = method if spec.stage == "in-llm" else None
+    selector = method if spec.stage == "pre-llm" else None
+    dp = method.decode_stage() if hasattr(method, "decode_stage") else None
+    for part in (inllm, dp):
+        if part is not None:
+            part.check_depth(num_layers)
+    if inllm is not None:
+        inllm.plan(10_000, num_layers, value)  # a retain this schedule cannot reach fails here, not mid-call
+    by_variant = getattr(method, "default_positions_for", None)
+    chosen = positions or (by_variant(adapter.style) if by_variant is not None else spec.positions_for(adapter.style))
+    if (inllm is not None or dp is not None) and adapter.style == "mrope" and chosen == "compact":
+        raise InputError(
+            f"positions='compact' is not defined for in-LLM pruning on M-RoPE models ({type(model).__name__}); "
+            "use positions='preserve'"
+        )
+    existing = get_state(model)
+    if existing is not None:
+        raise InputError(
+            f"model is already compressed with {existing.spec.name!r} (retain={existing.retain}); "
+            "call tokensieve.restore(model) or use the handle as a context manager before compressing again"
+        )
+    lm_calls = check_transformers(model, inllm is not None or dp is not None)
+    state = TrimState(
+        spec=spec,
+        selector=selector,
+        retain=value,
+        positions=chosen,
+        adapter=adapter,
+        options=dict(options),
+        inllm=inllm,
+        dp=dp,
+        lm_calls=lm_calls,
+    )
+    install(model, state)
+    return TrimHandle(model, state)
+
+
+def restore(model: torch.nn.Module) -> None:
+    """Remove tokensieve from ``model``; a model that is not compressed is left as is."""
+    uninstall(model)
+
+
+def is_compressed(model: torch.nn.Module) -> bool:
+    return get_state(model) is not None
+
+
+def stats(model: torch.nn.Module) -> TrimStats:
+    """Statistics of the last compressed forward of ``model``: per sample and segment, tokens
+    before/after, per-frame kept counts and scoring time in ms."""
+    state = get_state(model)
+    if state is None:
+        raise InputError("model is not compressed by tokensieve; call tokensieve.compress(model, ...) first")
+    if state.last is None:
+        raise InputError("no compressed forward has run yet on this model (no visual inputs seen)")
+    return state.last

@@ -1,0 +1,1 @@
+"""Measuring methods: ``tokensieve bench quality`` (accuracy on synthetic video QA) and ``speed``."""

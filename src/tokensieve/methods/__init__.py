@@ -1,0 +1,203 @@
+"""Method registry: ``tokensieve.methods.get(name)`` and ``tokensieve.methods.list()``.
+
+Everything under ``tokensieve.methods`` is pure tensor code (no transformers import), usable
+on plain tensors and by other engines.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+from ..errors import InputError
+from .base import MethodSpec, SegmentContext, Selection, Selector, options_of
+from .baselines import RandomSelect, UniformSelect, evenly_spaced
+from .budget import (
+    BUDGET_POLICIES,
+    apportion,
+    check_retain,
+    fca_budget,
+    frame_budget,
+    frame_scores,
+    retained_count,
+    uniform_budget,
+)
+from .dycoke import DyCoke
+from .sparsevlm import SparseVLM
+from .inllm import DyCokeDP, FastV, PDrop, PrunePoint, SampleLayout, select_top
+from .lftr import LFTR
+from .vidcom2 import VidCom2
+from .visionzip import VisionZip
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; names are unique."""
+    if spec.name in _REGISTRY:
+        raise InputError(f"a method named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> MethodSpec:
+    """The :class:`MethodSpec` registered under ``name``; unknown names raise :class:`InputError`."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise InputError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list() -> builtins.list[MethodSpec]:  # noqa: A001 - the public name is part of the API
+    """All registered methods, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def names() -> builtins.list[str]:
+    return sorted(_REGISTRY)
+
+
+register(
+    MethodSpec(
+        name="vidcom2",
+        stage="pre-llm",
+        summary="VidCom2: frame budgets from frame uniqueness (FCA), tokens by within-frame and video uniqueness",
+        factory=VidCom2,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("fca", "uniform"),
+        options=options_of(VidCom2),
+        reference="Liu et al., EMNLP 2025 (arXiv 2505.14454)",
+    )
+)
+register(
+    MethodSpec(
+        name="random",
+        stage="pre-llm",
+        summary="seeded random subset of each frame's tokens",
+        factory=RandomSelect,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(RandomSelect),
+    )
+)
+register(
+    MethodSpec(
+        name="uniform",
+        stage="pre-llm",
+        summary="evenly spaced spatial subsampling of each frame",
+        factory=UniformSelect,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(UniformSelect),
+    )
+)
+
+register(
+    MethodSpec(
+        name="lftr",
+        stage="pre-llm",
+        summary="LFTR: adjacent-frame temporal merging, then per-frame spatial removal by question relevance or encoder attention",
+        factory=LFTR,
+        needs_text=True,
+        needs_encoder_attention=False,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(LFTR),
+        reference="Zhao, Li and Li, arXiv 2501.17391",
+    )
+)
+register(
+    MethodSpec(
+        name="visionzip",
+        stage="pre-llm",
+        summary="VisionZip per frame: dominant tokens by encoder attention plus similarity-merged contextual tokens",
+        factory=VisionZip,
+        needs_encoder_attention=True,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(VisionZip),
+        reference="VisionZip, CVPR 2025",
+    )
+)
+register(
+    MethodSpec(
+        name="dycoke",
+        stage="pre-llm",
+        summary="DyCoke stage 1 (TTM): every 4th frame whole, the others keep tokens unlike their anchor frame",
+        factory=DyCoke,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=BUDGET_POLICIES,
+        options=options_of(DyCoke),
+        reference="DyCoke, CVPR 2025 (arXiv 2411.15024)",
+    )
+)
+
+register(
+    MethodSpec(
+        name="fastv",
+        stage="in-llm",
+        summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
+        factory=FastV,
+        default_positions={"1d": "preserve", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(FastV),
+        reference="Chen et al., ECCV 2024 (arXiv 2403.06764)",
+    )
+)
+register(
+    MethodSpec(
+        name="pdrop",
+        stage="in-llm",
+        summary="PyramidDrop: geometric visual-token drops at stage boundaries, ranked by the last instruction token",
+        factory=PDrop,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(PDrop),
+        reference="Xing et al., CVPR 2025",
+    )
+)
+
+register(
+    MethodSpec(
+        name="sparsevlm",
+        stage="in-llm",
+        summary="SparseVLM: text raters rank visual tokens at layers 2/6/15 by their own attention; pruned ones recycled",
+        factory=SparseVLM,
+        needs_text=True,
+        default_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(SparseVLM),
+        reference="Zhang et al., ICML 2025 (arXiv 2410.04417); SparseVLM+ as variant='v2'",
+    )
+)
+
+__all__ = [
+    "MethodSpec",
+    "SegmentContext",
+    "Selection",
+    "Selector",
+    "get",
+    "list",
+    "names",
+    "register",
+    "apportion",
+    "check_retain",
+    "fca_budget",
+    "frame_budget",
+    "frame_scores",
+    "retained_count",
+    "uniform_budget",
+    "evenly_spaced",
+    "VidCom2",
+    "RandomSelect",
+    "UniformSelect",
+    "LFTR",
+    "VisionZip",
+    "DyCoke",
+    "DyCokeDP",
+    "SparseVLM",
+    "FastV",
+    "PDrop",
+    "PrunePoint",
+    "SampleLayout",
+    "select_top",
+]

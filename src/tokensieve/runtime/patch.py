@@ -1,0 +1,457 @@
+"""Install tokensieve on a loaded model: wrap its ``forward`` and ``generate``.
+
+Correct by construction: a compressed prefill is turned into an ordinary call on a shorter
+sequence. ``generate`` prunes *before* generation starts and hands the language model
+``inputs_embeds``, the pruned attention mask and the gathered position ids, so the KV cache,
+the mask, ``cache_position`` and every decode position live in pruned coordinates from the
+first step on — for any attention kernel and batch size. ``generate`` continues each row's
+positions at ``last + 1``; with ``positions="preserve"`` that is exactly the position the
+unpruned model would use. The returned sequences are the caller's original ``input_ids``
+followed by the new tokens, as without compression.
+
+This module (with :mod:`tokensieve.runtime.trim`) is the only code that relies on how
+transformers passes arguments between ``generate`` and ``forward``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..methods.base import MethodSpec, Selection, Selector
+from ..methods.budget import fca_budget
+from ..methods.inllm import SampleLayout, uses_fca
+from ..methods.signals import question_positions
+from ..models.base import Adapter, Prepared
+from . import compat
+from .inllm import Pending, make_lm_forward
+from .trim import Trimmed, TrimStats, trim
+
+STATE_ATTR = "_tokensieve_state"
+#: optional call argument: ``[B, L]`` bool mask of the question tokens, for methods that use text
+QUESTION_KEY = "question_mask"
+_PASS_THROUGH_MODEL_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", QUESTION_KEY)
+
+
+@dataclass
+class TrimState:
+    """Everything tokensieve attached to one model; removed by :func:`uninstall`."""
+
+    spec: MethodSpec
+    selector: Selector
+    retain: float
+    positions: str
+    adapter: Adapter
+    options: dict[str, Any]
+    saved: dict[str, Any] = field(default_factory=dict)
+    last: TrimStats | None = None
+    calls: int = 0
+    #: in-LLM method (prunes between decoder layers) and DyCoke's decode-time stage, if any
+    inllm: Any = None
+    dp: Any = None
+    #: in-LLM bookkeeping: what the next prefill needs, the running generation, the last record
+    pending: Any = None
+    session: Any = None
+    inllm_record: Any = None
+    rows_used: Any = None
+    lm_config: Any = None
+    #: how the in-LLM loop calls this transformers release's layers (:mod:`.compat`)
+    lm_calls: Any = None
+
+    @property
+    def uses_lm_loop(self) -> bool:
+        return self.inllm is not None or self.dp is not None
+
+
+def get_state(model: object) -> TrimState | None:
+    return getattr(model, STATE_ATTR, None) if isinstance(model, torch.nn.Module) else None
+
+
+def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional + keyword arguments of a call to ``fn`` as one flat dict."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _needs(state: TrimState) -> tuple[bool, bool]:
+    if state.selector is None:  # in-LLM methods read what they need inside the model
+        return False, False
+    text = bool(getattr(state.selector, "needs_text", state.spec.needs_text))
+    attention = bool(getattr(state.selector, "needs_encoder_attention", state.spec.needs_encoder_attention))
+    return text, attention
+
+
+def _questions(model: torch.nn.Module, state: TrimState, prepared: Prepared, mask: Any) -> list[torch.Tensor]:
+    """Question token positions per sample: from ``question_mask`` or the adapter's rule."""
+    ids = prepared.input_ids
+    valid = prepared.attention_mask.bool()
+    out = []
+    for b in range(ids.shape[0]):
+        if mask is not None:
+            q = (mask[b].bool() & valid[b]).nonzero(as_tuple=True)[0]
+        else:
+            visual = torch.zeros_like(valid[b])
+            for seg in prepared.segments[b]:
+                visual[seg.positions] = True
+                visual[seg.structural] = True
+            q = question_positions(ids[b], valid[b], visual, state.adapter.special_ids(model), state.adapter.end_ids(model))
+        if q.numel() == 0:
+            raise InputError(
+                f"method {state.spec.name!r} needs the question text, but sample {b} of this "
+                f"{type(model).__name__} call has no question tokens (no text after or before its visual "
+                "inputs); pass question_mask=[B, L] bool marking the question tokens"
+            )
+        out.append(q)
+    return out
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    for cfg in (getattr(model, "generation_config", None), getattr(model.config, "text_config", None), model.config):
+        pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _on_device(model: torch.nn.Module, kw: dict[str, Any]) -> dict[str, Any]:
+    """Token-level tensors on the model's device (transformers' generate moves them itself)."""
+    device = getattr(model, "device", None)
+    if device is None:
+        return kw
+    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", QUESTION_KEY, "labels")
+    return {k: (v.to(device) if k in keys and isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> tuple[Prepared, Trimmed]:
+    kw = _on_device(model, kw)
+    needs_text, needs_attention = _needs(state)
+    if needs_attention and state.adapter.fallback_encoder_signal is None:
+        raise InputError(
+            f"method {state.spec.name!r} needs vision-encoder attention, which {type(model).__name__} "
+            "cannot give (no summary token, pooling head or stand-in for this family)"
+        )
+    question_mask = kw.get(QUESTION_KEY)
+    ids = state.adapter.require_ids(kw)
+    if question_mask is not None and (
+        not isinstance(question_mask, torch.Tensor) or tuple(question_mask.shape) != tuple(ids.shape)
+    ):
+        raise InputError(f"{QUESTION_KEY} must be a bool tensor shaped like input_ids {tuple(ids.shape)}")
+    prepared = state.adapter.prepare(model, kw, encoder_attention=needs_attention)
+    questions = _questions(model, state, prepared, question_mask) if needs_text else None
+    user_pos = kw.get("position_ids")
+    if user_pos is not None:
+        if prepared.style == "mrope":
+            if user_pos.dim() == 2:
+                user_pos = user_pos[None].expand(3, -1, -1)
+            prepared.position_ids = user_pos[-3:]
+        else:
+            prepared.position_ids = user_pos.expand(prepared.input_ids.shape[0], -1)
+    trimmed = trim(
+        prepared,
+        state.selector if state.selector is not None else KeepAll(),
+        state.retain,
+        state.positions,
+        state.spec.name,
+        questions=questions,
+        want_attention=needs_attention,
+        pad_id=_pad_id(model),
+    )
+    state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
+    trimmed.stats.lm_shape = lm_shape(model)
+    state.last = trimmed.stats
+    state.calls += 1
+    if state.uses_lm_loop:
+        state.pending = pending_layouts(prepared, trimmed, state)
+        state.session = None
+    return prepared, trimmed
+
+
+def model_position_ids(trimmed: Trimmed, style: str) -> torch.Tensor:
+    """Position ids in the layout the model's own ``generate`` would pass.
+
+    M-RoPE models get ``[4, B, L']``: a leading row of plain text positions (used only for
+    mask construction) then the three rotary rows.
+    """
+    if style != "mrope":
+        return trimmed.position_ids
+    mask = trimmed.attention_mask
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return torch.cat([text[None].to(trimmed.position_ids.dtype), trimmed.position_ids], dim=0)
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    get_len = getattr(past, "get_seq_length", None)
+    if callable(get_len):
+        return int(get_len())
+    return 0
+
+
+def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kw = _bind(original, args, kwargs)
+        if not state.adapter.has_visual(kw):
+            kw.pop(QUESTION_KEY, None)
+            return original(**kw)
+        if _cache_length(compat.cache_of(kw)) > 0:
+            raise InputError(
+                "tokensieve compresses visual inputs in the prefill only; this call passes pixel inputs "
+                "together with a non-empty KV cache"
+            )
+        if state.uses_lm_loop and kw.get("labels") is not None:
+            raise InputError(f"labels are not supported with the in-LLM method {state.spec.name!r} "
+                             "(the sequence shrinks inside the model)")
+        try:
+            prepared, trimmed = _run_trim(model, state, kw)
+        except BaseException:
+            state.pending = None
+            raise
+        new_kw = {k: v for k, v in kw.items() if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
+        labels = new_kw.get("labels")
+        if labels is not None:
+            new_kw["labels"] = _gather_rows(labels, trimmed, fill=-100)
+        new_kw.update(
+            inputs_embeds=trimmed.inputs_embeds,
+            attention_mask=trimmed.attention_mask,
+            position_ids=model_position_ids(trimmed, prepared.style),
+        )
+        del prepared, trimmed  # the full-length inputs are not needed while the model runs
+        try:
+            return original(**new_kw)
+        finally:
+            state.pending = None
+
+    return forward
+
+
+def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
+    B, Lp = trimmed.attention_mask.shape
+    out = t.new_full((B, Lp), fill)
+    for b, keep in enumerate(trimmed.keep):
+        n = keep.numel()
+        sl = slice(Lp - n, Lp) if trimmed.padding_side == "left" else slice(0, n)
+        out[b, sl] = t[b, keep]
+    return out
+
+
+def _resolve_lengths(model: torch.nn.Module, kw: dict[str, Any], prompt_len: int) -> None:
+    """Express length limits as new-token counts: the prompt the language model sees is shorter.
+
+    ``max_length`` / ``min_length`` (from the call or the generation config) count the
+    caller's prompt; they become ``max_new_tokens`` / ``min_new_tokens``. When neither is set,
+    transformers' own default (a fixed number of new tokens) applies unchanged.
+    """
+    config = kw.get("generation_config") or getattr(model, "generation_config", None)
+    if kw.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
+        max_length = kw.pop("max_length", None)
+        if max_length is None:
+            max_length = getattr(config, "max_length", None)
+        if max_length is not None:
+            kw["max_new_tokens"] = max(1, int(max_length) - prompt_len)
+    else:
+        kw.pop("max_length", None)
+    min_length = kw.pop("min_length", None)
+    if min_length is None:
+        min_length = getattr(config, "min_length", None) or None
+    if min_length and kw.get("min_new_tokens") is None and getattr(config, "min_new_tokens", None) is None:
+        kw["min_new_tokens"] = max(0, int(min_length) - prompt_len)
+        kw["min_length"] = 0
+
+
+def _check_generate_kwargs(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> None:
+    """Reject generation settings the compressed path cannot honour, before anything runs."""
+    config = kw.get("generation_config") or getattr(model, "generation_config", None)
+    if kw.get("prefill_chunk_size") is not None or getattr(config, "prefill_chunk_size", None):
+        raise InputError("prefill_chunk_size is not supported with tokensieve: the prompt is compressed in one prefill")
+    if state.uses_lm_loop:
+        impl = kw.get("cache_implementation") or getattr(config, "cache_implementation", None)
+        past = compat.cache_of(kw)
+        if impl not in (None, "dynamic") or (past is not None and getattr(past, "is_compileable", False)):
+            raise InputError(
+                f"method {state.spec.name!r} prunes inside the language model, which needs a dynamic KV cache "
+                f"(per-layer lengths differ); got cache_implementation={impl!r}"
+            )
+    if state.dp is not None:
+        beams = kw.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        if int(beams) > 1:
+            raise InputError("dycoke's decode-time stage (dp=True) does not support beam search (num_beams > 1)")
+
+
+def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        kw = _bind(original, args, kwargs)
+        if "inputs" in kw:
+            inputs = kw.pop("inputs")
+            if inputs is not None:
+                kw.setdefault("input_ids", inputs)
+        if not state.adapter.has_visual(kw):
+            kw.pop(QUESTION_KEY, None)
+            return original(**kw)
+        if _cache_length(compat.cache_of(kw)) > 0:
+            raise InputError("tokensieve cannot continue generation from a cache when new pixel inputs are given")
+        input_ids = state.adapter.require_ids(kw)
+        _check_generate_kwargs(model, state, kw)
+        try:
+            prepared, trimmed = _run_trim(model, state, kw)
+            gen_kw = {k: v for k, v in kw.items()
+                      if k not in state.adapter.visual_keys and k not in _PASS_THROUGH_MODEL_KEYS}
+            _resolve_lengths(model, gen_kw, input_ids.shape[1])
+            # the kept token ids go along with the embeddings, so logits processors that look at
+            # the prompt (repetition penalty, ...) see the same tokens as without compression
+            call = dict(
+                input_ids=trimmed.input_ids,
+                inputs_embeds=trimmed.inputs_embeds,
+                attention_mask=trimmed.attention_mask,
+                position_ids=model_position_ids(trimmed, prepared.style),
+            )
+            pruned_len = trimmed.input_ids.shape[1]
+            del prepared, trimmed  # the full-length inputs are not needed while the model runs
+            out = original(**call, **gen_kw)
+        finally:
+            state.pending = None
+            state.session = None  # the generation is over: do not keep its KV cache alive
+        return _prepend_prompt(out, input_ids, pruned_len)
+
+    return generate
+
+
+def _prepend_prompt(out: Any, input_ids: torch.Tensor, pruned_len: int) -> Any:
+    """Replace the pruned prompt in front of the generated ids by the caller's prompt ids
+    (what an unpatched model returns)."""
+
+    def fix(seqs: torch.Tensor) -> torch.Tensor:
+        reps = seqs.shape[0] // input_ids.shape[0]
+        prompt = input_ids.repeat_interleave(reps, dim=0) if reps > 1 else input_ids
+        return torch.cat([prompt.to(seqs.device), seqs[:, pruned_len:]], dim=-1)
+
+    if isinstance(out, torch.Tensor):
+        return fix(out)
+    if hasattr(out, "sequences") and isinstance(out.sequences, torch.Tensor):
+        out.sequences = fix(out.sequences)
+    return out
+
+
+def lm_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(hidden, MLP width, key/value width, layers) of the model's language model."""
+    cfg = getattr(model.config, "text_config", model.config)
+    d = int(cfg.hidden_size)
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    return d, int(cfg.intermediate_size), kv, int(cfg.num_hidden_layers)
+
+
+class KeepAll:
+    """Selector that keeps every token (in-LLM methods decide later, inside the model)."""
+
+    def select(self, x: torch.Tensor, retain: float, context: Any = None) -> Selection:
+        T, M, _ = x.shape
+        return Selection(keep=torch.arange(T * M, device=x.device),
+                         frame_counts=torch.full((T,), M, dtype=torch.long))
+
+
+def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> Pending:
+    """Where the visual tokens sit in the sequence the language model receives, per sample."""
+    B, Lp = trimmed.attention_mask.shape
+    fca = uses_fca(state.inllm) if state.inllm is not None else False
+    layouts, weights = [], []
+    for b in range(B):
+        keep = trimmed.keep[b]
+        n = keep.numel()
+        off = Lp - n if trimmed.padding_side == "left" else 0
+        vis, frames, w = [], [], []
+        frame_base = 0
+        total = sum(seg.num_frames * seg.tokens_per_frame for seg in prepared.segments[b])
+        for seg in prepared.segments[b]:
+            T, M = seg.num_frames, seg.tokens_per_frame
+            kept = torch.isin(seg.positions, keep)
+            local = kept.nonzero(as_tuple=True)[0]
+            vis.append(torch.searchsorted(keep, seg.positions[local]) + off)
+            frames.append(local // M + frame_base)
+            if fca:
+                x = prepared.inputs_embeds[b, seg.positions].reshape(T, M, -1)
+                _, wt = fca_budget(x, state.retain)
+                w.append(wt.to(torch.float64) * (T * M) / max(total, 1))
+            frame_base += T
+        visual = torch.cat(vis) if vis else keep.new_zeros(0)
+        order = torch.argsort(visual)
+        visual = visual[order]
+        frame = torch.cat(frames)[order] if frames else keep.new_zeros(0)
+        start = int(visual.max()) + 1 if visual.numel() else off
+        text = torch.arange(start, off + n, device=keep.device)
+        layouts.append(SampleLayout(visual=visual, text=text, last=off + n - 1, frame=frame))
+        weights.append(torch.cat(w) if w else None)
+    return Pending(layouts, weights)
+
+
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (embeddings, layers, rotary embedding, final norm) of a VLM."""
+    return model.model.language_model
+
+
+def check_transformers(model: torch.nn.Module, in_llm: bool) -> Any:
+    """Refuse a transformers release (or, for the in-LLM loop, decoder layers) the runtime was not
+    written for; return how to call the layers (``None`` for pre-LLM methods)."""
+    compat.check_version()
+    return compat.check_language_model(language_model(model)) if in_llm else None
+
+
+def install(model: torch.nn.Module, state: TrimState) -> None:
+    """Wrap ``model.forward`` and ``model.generate`` (and, for in-LLM methods, the language
+    model's ``forward``); the caller has validated everything."""
+    for name in ("forward", "generate"):
+        state.saved[name] = model.__dict__.get(name, _MISSING)
+    originals = {"forward": model.forward, "generate": model.generate}
+    setattr(model, STATE_ATTR, state)
+    model.forward = _make_forward(model, state, originals["forward"])  # type: ignore[method-assign]
+    model.generate = _make_generate(model, state, originals["generate"])  # type: ignore[method-assign]
+    if state.uses_lm_loop:
+        lm = language_model(model)
+        state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
+        lm.forward = make_lm_forward(model, lm, state, lm.forward)  # type: ignore[method-assign]
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Undo :func:`install` exactly (earlier instance-level wrappers, e.g. accelerate hooks, come back)."""
+    state = get_state(model)
+    if state is None:
+        return
+    for name in ("forward", "generate"):
+        prev = state.saved.get(name, _MISSING)
+        if name in model.__dict__:
+            del model.__dict__[name]
+        if prev is not _MISSING:
+            model.__dict__[name] = prev
+    if "lm_forward" in state.saved:
+        lm = language_model(model)
+        lm.__dict__.pop("forward", None)
+        if state.saved["lm_forward"] is not _MISSING:
+            lm.__dict__["forward"] = state.saved["lm_forward"]
+    state.pending = state.session = None
+    state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
+    delattr(model, STATE_ATTR)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()

@@ -1,0 +1,317 @@
+"""Apply a pre-LLM method to a prepared batch: score each segment, gather, re-pad.
+
+Every sample is scored independently; the kept sequences are re-padded on the side the
+input was padded on, with a new attention mask, so the language model then runs on a
+shorter but otherwise ordinary batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..methods.base import SegmentContext, Selection, Selector
+from ..methods.signals import frame_mean_attention
+from ..models.base import Prepared, Segment
+
+POSITION_MODES = ("preserve", "compact")
+
+
+@dataclass
+class SegmentStats:
+    """What happened to one segment in the last compressed forward."""
+
+    sample: int
+    ordinal: int
+    modality: str
+    grid: tuple[int, int, int]
+    tokens_before: int
+    tokens_after: int
+    structural: int
+    frame_counts: list[int]
+    score_ms: float
+    temporal_patch: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sample": self.sample,
+            "segment": self.ordinal,
+            "modality": self.modality,
+            "grid": list(self.grid),
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "structural_tokens": self.structural,
+            "frame_counts": self.frame_counts,
+            "raw_frames_per_token_frame": self.temporal_patch,
+            "score_ms": round(self.score_ms, 4),
+        }
+
+
+@dataclass
+class TrimStats:
+    """Statistics of the last compressed forward (``tokensieve.stats(model)``).
+
+    ``segments[b]`` lists sample ``b``'s segments; ``keep[b]`` holds the original sequence
+    positions that sample ``b`` kept (ascending, padding excluded).
+    """
+
+    method: str
+    retain: float
+    positions: str
+    segments: list[list[SegmentStats]]
+    seq_before: list[int]
+    seq_after: list[int]
+    keep: list[torch.Tensor] = field(repr=False)
+    total_ms: float = 0.0
+    #: per sample, ``(positions [k], features [k, D])`` written over kept tokens by merging methods
+    replaced: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list, repr=False)
+    #: per sample, the sequence positions read as the question (methods that use text)
+    question: list[torch.Tensor] | None = field(default=None, repr=False)
+    encoder_signal: str = ""
+    #: in-LLM methods: per-layer visual counts and kept tokens (set when the prefill has run)
+    inllm: Any = field(default=None, repr=False)
+    #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
+    lm_shape: tuple[int, int, int, int] | None = None
+    #: the pruned attention mask and position ids the language model received: continue a
+    #: manual decoding loop after a compressed ``forward(use_cache=True)`` from these
+    attention_mask: torch.Tensor | None = field(default=None, repr=False)
+    position_ids: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tokens_before(self) -> int:
+        """Visual content tokens before compression, summed over the batch."""
+        return sum(s.tokens_before for row in self.segments for s in row)
+
+    @property
+    def tokens_after(self) -> int:
+        """Visual content tokens kept, summed over the batch (for in-LLM methods: those that
+        reach the last decoder layer)."""
+        if self.inllm is not None and self.inllm.v_out and self.inllm.v_out[0]:
+            return sum(v[-1] for v in self.inllm.v_out)
+        return sum(s.tokens_after for row in self.segments for s in row)
+
+    @property
+    def score_ms(self) -> float:
+        return sum(s.score_ms for row in self.segments for s in row)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "retain": self.retain,
+            "positions": self.positions,
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "score_ms": round(self.score_ms, 4),
+            "trim_ms": round(self.total_ms, 4),
+            "encoder_signal": self.encoder_signal or None,
+            "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
+            "samples": [self._sample_dict(b) for b in range(len(self.segments))],
+        }
+
+    def equivalent_tokens(self, b: int) -> dict[str, float] | None:
+        """In-LLM methods: E_out (the reference count: mean visual tokens leaving each layer,
+        recycled ones included) and E_in (mean entering each layer) of sample ``b``."""
+        if self.inllm is None:
+            return None
+        e_out, e_in = self.inllm.equivalent(b)
+        return {"E_out": e_out, "E_in": e_in}
+
+    def prefill_flops(self, b: int) -> dict[str, float] | None:
+        """Analytical prefill FLOPs of sample ``b``'s language model, pruned and unpruned
+        (``n·d·(2d + 2·d_kv) + 2n²d + 3ndm`` per layer, multiply-accumulates)."""
+        if self.lm_shape is None:
+            return None
+        d, m, dkv, layers = self.lm_shape
+        per_layer = self.inllm.seq_in[b] if self.inllm is not None else [self.seq_after[b]] * layers
+
+        def f(n: int) -> float:
+            return n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m
+
+        return {"pruned": float(sum(f(n) for n in per_layer)), "unpruned": float(layers * f(self.seq_before[b]))}
+
+    def _sample_dict(self, b: int) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "sequence_before": self.seq_before[b],
+            "sequence_after": self.seq_after[b],
+            "segments": [s.as_dict() for s in self.segments[b]],
+        }
+        if self.inllm is not None:
+            out["visual_per_layer_in"] = self.inllm.v_in[b]
+            out["visual_per_layer_out"] = self.inllm.v_out[b]
+            out["equivalent_tokens"] = self.equivalent_tokens(b)
+        flops = self.prefill_flops(b)
+        if flops is not None:
+            out["prefill_flops"] = flops
+        return out
+
+
+@dataclass
+class Trimmed:
+    """The pruned batch. Shapes: embeds ``[B, L', D]``, mask ``[B, L']``, positions ``[B, L']`` or ``[3, B, L']``."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor
+    keep: list[torch.Tensor]
+    padding_side: str
+    stats: TrimStats
+    input_ids: torch.Tensor
+
+
+def padding_side_of(mask: torch.Tensor) -> str:
+    """``"left"`` or ``"right"`` from a 2-D mask; unpadded batches count as left (generation's side)."""
+    if mask.shape[1] == 0:
+        return "left"
+    if bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()):
+        return "right"
+    return "left"
+
+
+def _check_selection(sel: Selection, n: int, T: int, name: str) -> None:
+    keep = sel.keep
+    if keep.dim() != 1 or keep.dtype != torch.int64:
+        raise RuntimeError(f"method {name!r} returned keep indices that are not a 1-D int64 tensor")
+    if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= n or bool((keep[1:] <= keep[:-1]).any())):
+        raise RuntimeError(f"method {name!r} returned keep indices that are not strictly ascending in [0, {n})")
+    if sel.frame_counts.numel() != T or int(sel.frame_counts.sum()) != keep.numel():
+        raise RuntimeError(f"method {name!r} returned frame counts inconsistent with its keep indices")
+    if sel.features is not None and tuple(sel.features.shape[:1]) != (keep.numel(),):
+        raise RuntimeError(f"method {name!r} returned {sel.features.shape[0]} features for {keep.numel()} tokens")
+
+
+def select_segment(
+    selector: Selector,
+    x: torch.Tensor,
+    retain: float,
+    seg: Segment,
+    text: torch.Tensor | None = None,
+    want_attention: bool = False,
+) -> tuple[Selection, float]:
+    """Run the method on one segment ``x`` ``[T, M, D]``; returns the selection and its time in ms."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        attention = None
+        if want_attention:
+            attention = seg.encoder_attention if seg.encoder_attention is not None else frame_mean_attention(x)
+        context = SegmentContext(
+            modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid, text=text, encoder_attention=attention
+        )
+        sel = selector.select(x, retain, context)
+    return sel, (time.perf_counter() - start) * 1000.0
+
+
+def trim(
+    prepared: Prepared,
+    selector: Selector,
+    retain: float,
+    positions: str,
+    method_name: str,
+    questions: list[torch.Tensor] | None = None,
+    want_attention: bool = False,
+    pad_id: int = 0,
+) -> Trimmed:
+    """Score every segment of every sample, keep the selected tokens, re-pad the batch.
+
+    ``questions[b]`` (positions of sample ``b``'s question tokens) is given to methods that use
+    text: their embeddings are passed as ``context.text``. ``want_attention`` passes each
+    segment's encoder attention (or the frame-mean stand-in) as ``context.encoder_attention``.
+    """
+    start = time.perf_counter()
+    embeds = prepared.inputs_embeds
+    mask = prepared.attention_mask
+    pos = prepared.position_ids
+    mrope = prepared.style == "mrope"
+    B, L, D = embeds.shape
+    side = padding_side_of(mask)
+    rows: list[torch.Tensor] = []  # per sample: its embeddings, merged features written in
+    keeps: list[torch.Tensor] = []
+    seg_stats: list[list[SegmentStats]] = []
+    seq_before: list[int] = []
+    replaced_all: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for b in range(B):
+        valid = mask[b].bool()
+        keep_mask = valid.clone()
+        row = embeds[b]
+        replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        stats_b: list[SegmentStats] = []
+        text = row[questions[b]].detach() if questions is not None else None
+        for seg in prepared.segments[b]:
+            T, M = seg.num_frames, seg.tokens_per_frame
+            x = row[seg.positions].reshape(T, M, D)
+            sel, ms = select_segment(selector, x, retain, seg, text, want_attention)
+            _check_selection(sel, T * M, T, method_name)
+            keep_mask[seg.positions] = False
+            kept_pos = seg.positions[sel.keep.to(seg.positions.device)]
+            keep_mask[kept_pos] = True
+            if sel.features is not None:
+                replaced.append((kept_pos, sel.features))
+            stats_b.append(
+                SegmentStats(
+                    sample=b,
+                    ordinal=seg.ordinal,
+                    modality=seg.modality,
+                    grid=seg.grid,
+                    tokens_before=T * M,
+                    tokens_after=int(sel.keep.numel()),
+                    structural=int(seg.structural.numel()),
+                    frame_counts=[int(c) for c in sel.frame_counts.tolist()],
+                    score_ms=ms,
+                    temporal_patch=seg.temporal_patch,
+                )
+            )
+        if replaced:
+            row = row.clone()
+            for kept_pos, feats in replaced:
+                row[kept_pos] = feats.to(row.dtype)
+        replaced_all.append(replaced)
+        keeps.append(keep_mask.nonzero(as_tuple=True)[0])
+        rows.append(row)
+        seg_stats.append(stats_b)
+        seq_before.append(int(valid.sum()))
+
+    lengths = [int(k.numel()) for k in keeps]
+    identity = (
+        lengths == seq_before
+        and not any(replaced_all)
+        and (positions == "preserve" or not mrope)
+    )
+
+    def make_stats(new_mask: torch.Tensor, new_pos: torch.Tensor) -> TrimStats:
+        return TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
+                         seq_before=seq_before, seq_after=lengths, keep=keeps,
+                         total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
+                         question=questions, encoder_signal=prepared.encoder_signal,
+                         attention_mask=new_mask, position_ids=new_pos)
+
+    if identity:  # nothing removed (e.g. in-LLM methods decide later): no copy of the inputs
+        deltas = (pos.amax(dim=(0, 2)) if mrope else pos.amax(dim=1)).reshape(B, 1).long() + 1
+        deltas = deltas - torch.tensor(lengths, device=pos.device).reshape(B, 1)
+        return Trimmed(embeds, mask, pos, deltas, keeps, side, make_stats(mask, pos), prepared.input_ids)
+    Lp = max(lengths) if lengths else 0
+    new_embeds = embeds.new_zeros(B, Lp, D)
+    new_mask = mask.new_zeros(B, Lp)
+    new_pos = pos.new_zeros((3, B, Lp) if mrope else (B, Lp))
+    new_ids = prepared.input_ids.new_full((B, Lp), pad_id)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=pos.device)
+    for b, (n, keep) in enumerate(zip(lengths, keeps)):
+        sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
+        new_embeds[b, sl] = rows[b][keep]
+        new_mask[b, sl] = 1
+        new_ids[b, sl] = prepared.input_ids[b, keep]
+        if positions == "preserve":
+            row_pos = pos[:, b, keep] if mrope else pos[b, keep]
+        else:
+            row_pos = torch.arange(n, device=pos.device, dtype=pos.dtype)
+            row_pos = row_pos.expand(3, -1) if mrope else row_pos
+        if mrope:
+            new_pos[:, b, sl] = row_pos
+        else:
+            new_pos[b, sl] = row_pos
+        if n:
+            deltas[b, 0] = int(row_pos.max()) + 1 - n
+    stats = make_stats(new_mask, new_pos)
+    return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats, new_ids)

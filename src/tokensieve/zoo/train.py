@@ -1,0 +1,641 @@
+"""Train the embedded video model from scratch on synthetic video QA.
+
+``python -m tokensieve.zoo.train`` trains the tiny LLaVA-OneVision of
+:mod:`tokensieve.zoo.model` on :mod:`tokensieve.zoo.synthvid` clips and writes the result
+(fp16 safetensors, config, tokenizer, processor) with ``save_pretrained``.
+
+* Seeded and reproducible: the weights are initialised from ``--seed`` and the examples of
+  step ``s`` are a pure function of ``(--seed, s)``, so a run resumed from a checkpoint
+  (``--resume``) continues exactly as if it had never stopped.
+* Two stages: the vision tower and projector first learn alone (``--vision-steps``) from a
+  per-token probe; then the whole model trains, with the vision tower fixed by default
+  (``--freeze-vision``; it is done by then, and not back-propagating through it makes each step
+  about a quarter cheaper).
+* Each clip is one conversation: the example's own question first, exactly as asked at
+  inference, then ``--extra-questions`` more about the same clip, phrased as the ``count``,
+  ``attribute`` and ``position`` families phrase them (:func:`extra_turns`). They cost a dozen
+  tokens each next to the clip's 257, so one step teaches several answers.
+* Loss: cross-entropy on each answer word and its end-of-turn token, plus training-only aids
+  that make the vision side and the decoder's reading of it learn in minutes rather than
+  hours: a linear probe on the projector output (colour × shape of the shape in the token's
+  cell, the cell's row and column; the probe is thrown away after training); the decoder's own
+  output at each visual token predicting the words that describe what is there (colour, shape,
+  place, :func:`token_words`); and the attention of one head in three decoder layers from each
+  answer position, guided onto the tokens that hold the answer (:func:`attention_targets`; for
+  ``count``, another head, spread over every frame of the asked-for shape and the first token,
+  so the share it reads grows with the count). The model that ships is the plain LLaVA-OneVision
+  architecture.
+* Inputs go through the model's own processor and chat template, exactly as at inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .._argtypes import non_negative_int, positive_int
+from . import synthvid
+from .model import EMBEDDED_DIR, build_model, build_processor, build_tokenizer, save_model
+
+__all__ = ["TrainConfig", "main", "make_batch", "train"]
+
+_N_CLASSES = 1 + len(synthvid.COLOURS) * len(synthvid.SHAPES)
+
+
+class TrainConfig(argparse.Namespace):
+    """Parsed ``train`` arguments (see :func:`build_parser`)."""
+
+    steps: int
+    vision_steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    aux_weight: float
+    focus_weight: float
+    count_focus: float
+    extra_questions: int
+    freeze_vision: bool
+    seed: int
+    out: str
+    checkpoint_dir: str
+    checkpoint_every: int
+    resume: bool
+    eval_n: int
+    threads: int
+    family_weights: list[float] | None
+
+
+#: How often each family is drawn in training (count, which the decoder learns last, most often;
+#: attribute, which the extra questions teach too, least).
+FAMILY_WEIGHTS = (1.0, 3.0, 1.2, 1.2, 0.8)
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(synthvid.FAMILIES) or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected {len(synthvid.FAMILIES)} non-negative comma-separated numbers "
+            f"(one per family: {','.join(synthvid.FAMILIES)}), got {text!r}"
+        )
+    return values
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tokensieve.zoo.train",
+        description="Train the embedded tiny LLaVA-OneVision on synthetic video QA (CPU, from scratch).",
+    )
+    parser.add_argument("--vision-steps", type=int, default=500,
+                        help="first, steps that train only the vision tower and projector on the per-token probe "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2700,
+                        help="then, steps that train the whole model (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    parser.add_argument("--aux-weight", type=float, default=0.5,
+                        help="weight of the per-token losses: the projector probe and the decoder's words at "
+                        "visual tokens (default: %(default)s)")
+    parser.add_argument("--focus-weight", type=float, default=0.5,
+                        help="weight of the attention-guidance loss (default: %(default)s)")
+    parser.add_argument("--count-focus", type=_non_negative, default=4.0,
+                        help="extra weight of the count questions' guidance within it: their head must "
+                        "measure how much of the target there is, not just find it (default: %(default)s)")
+    parser.add_argument("--extra-questions", type=non_negative_int, default=2,
+                        help="more questions asked about each clip in the same conversation, after its own "
+                        "(count, attribute and position questions about its other shapes; default: %(default)s)")
+    parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the vision tower fixed after the vision-only steps; the projector still "
+                        "learns (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: %(default)s)")
+    parser.add_argument("--out", default=str(EMBEDDED_DIR), help="output directory (default: the package's embedded/)")
+    parser.add_argument("--checkpoint-dir", default="train-checkpoints",
+                        help="where checkpoints go (default: %(default)s)")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--eval-n", type=int, default=200,
+                        help="held-out questions answered with generate at the end (0: skip; default: %(default)s)")
+    parser.add_argument("--family-weights", type=_weights, default=list(FAMILY_WEIGHTS), metavar="W,W,W,W,W",
+                        help="how often each family is drawn, in the order "
+                        f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def step_seeds(seed: int, step: int, batch_size: int, weights: Sequence[float] | None = None) -> list[int]:
+    """Training example seeds of ``step`` (a pure function of ``(seed, step)``, all below the held-out range).
+
+    ``weights`` (one per family of :data:`synthvid.FAMILIES`) sets how often each family is
+    drawn; ``None`` draws them equally. The answer within a family stays uniform.
+    """
+    rng = np.random.default_rng([seed, step, 7])
+    n_fam = len(synthvid.FAMILIES)
+    if weights is None:
+        return [int(s) for s in rng.integers(0, synthvid.HELDOUT_START, size=batch_size)]
+    p = np.asarray(weights, np.float64)
+    families = rng.choice(n_fam, size=batch_size, p=p / p.sum())
+    bases = rng.integers(0, synthvid.HELDOUT_START // n_fam, size=batch_size)
+    return [int(b) * n_fam + int(f) for b, f in zip(bases, families)]
+
+
+def cell_targets(example: synthvid.Example) -> np.ndarray:
+    """Per frame and cell, the class of the shape there: int64 ``[T, 16]`` (0: none, else 1 + colour·4 + shape)."""
+    colours = list(synthvid.COLOURS)
+    out = np.zeros((synthvid.FRAMES, synthvid.GRID * synthvid.GRID), np.int64)
+    for t, row in enumerate(example.objects):
+        for obj in row:
+            r, c = obj.cell
+            out[t, r * synthvid.GRID + c] = 1 + colours.index(obj.colour) * len(synthvid.SHAPES) + synthvid.SHAPES.index(
+                obj.shape
+            )
+    return out
+
+
+#: The place word of a cell (the two middle cells of each edge), as ``position`` answers use it.
+_PLACE_OF = {cell: place for place, cells in synthvid.REST_CELLS.items() for cell in cells}
+
+#: Words the decoder is taught to emit at each visual token that holds a shape.
+TOKEN_WORDS = ("colour", "shape", "place")
+
+
+def token_words(example: synthvid.Example) -> list[list[str | None]]:
+    """Per visual token (frame-major, ``T·16``), the words that describe what is there.
+
+    For a token holding a shape: its colour, its shape and its place word if the cell is the
+    middle of an edge. ``None`` where a word does not apply (empty cells hold no words).
+    """
+    grid = synthvid.GRID
+    words: list[list[str | None]] = [[None] * len(TOKEN_WORDS) for _ in range(synthvid.FRAMES * grid * grid)]
+    for t, row in enumerate(example.objects):
+        for obj in row:
+            words[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = [obj.colour, obj.shape, _PLACE_OF.get(obj.cell)]
+    return words
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question-and-answer turn of a training conversation about one clip.
+
+    ``attend``: bool ``[T·16]``, the visual tokens that hold the answer (guidance targets);
+    ``sink``: weight of the conversation's first token in the guided attention (``count`` only,
+    see :func:`attention_targets`).
+    """
+
+    question: str
+    answer: str
+    attend: np.ndarray
+    sink: float = 0.0
+
+
+#: Guided-attention weight of the first token for ``count`` questions, relative to one
+#: appearance-frame of the target (see :func:`attention_targets`).
+COUNT_SINK = 4.0
+
+
+def attention_targets(example: synthvid.Example) -> np.ndarray:
+    """Visual tokens that hold the answer: bool ``[T·16]``.
+
+    ``needle``: the brief shape; ``order``: the shape that came first; ``position``: the target
+    in the last three frames; ``attribute``: the target; ``count``: the target in every frame it
+    is in (each appearance lasts two frames, so the number of these tokens is twice the answer;
+    the guided head shares its attention between them and the first token, in proportion
+    2·count : :data:`COUNT_SINK`, so what it reads grows with the count).
+    """
+    name = {"needle": "needle", "order": "first", "position": "target", "attribute": "target",
+            "count": "target"}[example.family]
+    first = synthvid.FRAMES - 3 if example.family == "position" else 0
+    return _track_tokens(example, lambda o: o.name == name, first)
+
+
+def _track_tokens(example: synthvid.Example, match: Any, first: int = 0) -> np.ndarray:
+    grid = synthvid.GRID
+    out = np.zeros(synthvid.FRAMES * grid * grid, bool)
+    for t, row in enumerate(example.objects):
+        for obj in row:
+            if t >= first and match(obj):
+                out[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = True
+    return out
+
+
+def extra_turns(example: synthvid.Example, n: int) -> list[Turn]:
+    """Up to ``n`` more questions about the same clip, phrased and answered exactly as the
+    ``count``, ``attribute`` and ``position`` families would (a pure function of the example's
+    seed).
+
+    Asked about every shape that comes and goes in two-frame appearances as ``count`` targets do
+    (these first: counting is learnt last), every shape whose colour (or kind) no other shape in
+    the clip shares, and every shape that ends the clip resting on the middle of an edge for
+    three frames. They cost a dozen tokens each next to the clip's 257 visual tokens, so each
+    step teaches several answers.
+    """
+    if n <= 0:
+        return []
+    pairs = sorted({(o.colour, o.shape) for row in example.objects for o in row})
+    colours = [c for c, _ in pairs]
+    shapes = [s for _, s in pairs]
+    last = example.objects[-3:]
+    counts: list[Turn] = []
+    others: list[Turn] = []
+    for colour, shape in pairs:
+        def same(o: synthvid.ObjectFrame, c: str = colour, s: str = shape) -> bool:
+            return o.colour == c and o.shape == s
+
+        tokens = _track_tokens(example, same)
+        per_frame = [sum(same(o) for o in row) for row in example.objects]
+        starts = [t for t in range(synthvid.FRAMES) if per_frame[t] and (t == 0 or not per_frame[t - 1])]
+        # every appearance exactly two frames: each run has a second frame, and there are no more
+        if (max(per_frame) == 1 and 1 <= len(starts) <= len(synthvid.NUMBERS) and sum(per_frame) == 2 * len(starts)
+                and all(t + 1 < synthvid.FRAMES and per_frame[t + 1] for t in starts)):
+            counts.append(Turn(f"how many times did the {colour} {shape} appear ?", synthvid.NUMBERS[len(starts) - 1],
+                               tokens, COUNT_SINK))
+        if shapes.count(shape) == 1:
+            others.append(Turn(f"what colour is the {shape} ?", colour, tokens))
+        if colours.count(colour) == 1:
+            others.append(Turn(f"what shape is the {colour} object ?", shape, tokens))
+        ends = [[o.cell for o in row if same(o)] for row in last]
+        if all(len(e) == 1 for e in ends) and len({e[0] for e in ends}) == 1 and ends[0][0] in _PLACE_OF:
+            others.append(Turn(f"where was the {colour} {shape} at the end ?", _PLACE_OF[ends[0][0]],
+                               _track_tokens(example, same, synthvid.FRAMES - 3)))
+    rng = np.random.default_rng([example.seed, 11])
+    ordered = [group[int(i)] for group in (counts, others) for i in rng.permutation(len(group))]
+    return [turn for turn in ordered if turn.question != example.question][:n]
+
+
+def turns_for(example: synthvid.Example, extra: int = 0) -> list[Turn]:
+    """The example's own question first (exactly as asked at inference), then :func:`extra_turns`."""
+    own = Turn(example.question, example.answer, attention_targets(example),
+               COUNT_SINK if example.family == "count" else 0.0)
+    return [own, *extra_turns(example, extra)]
+
+
+def conversation(processor: Any, turns: list[Turn]) -> str:
+    """The chat text of ``turns`` (the processor's chat template): the first turn is exactly the
+    inference prompt (:func:`tokensieve.zoo.model.prompt_for`) plus its answer."""
+    messages: list[dict[str, Any]] = []
+    for i, turn in enumerate(turns):
+        question = [{"type": "video"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*question, {"type": "text", "text": turn.question}]})
+        messages.append({"role": "assistant", "content": turn.answer})
+    text = processor.apply_chat_template(messages, tokenize=False)
+    return text[0] if isinstance(text, list) else text
+
+
+def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0) -> dict[str, Any]:
+    """Processor inputs for conversations about ``examples`` (each example's own question, then
+    up to ``extra`` more, :func:`turns_for`), with their answers, plus the training targets.
+
+    Returns the processor's tensors (left padded) and ``position_ids`` (mask-aware, as
+    ``generate`` uses), and per turn (``Q`` = most turns in the batch): ``answer_pos`` ``[B, Q]``
+    (the position whose next token is the answer word; -1 where a conversation has fewer turns),
+    ``answer_ids`` ``[B, Q]`` (the answer words, -100 where none), ``attend`` ``[B, Q, T·16]``
+    and ``sink`` ``[B, Q]`` (:class:`Turn`), ``question_words`` ``[B, Q, L]`` (the colour and
+    shape words of each turn's question, where they are in ``input_ids``); and ``cells``
+    ``[B, T, 16]`` and ``cell_words`` ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100
+    where none).
+    """
+    import torch
+
+    convs = [turns_for(e, extra) for e in examples]
+    texts = [conversation(processor, turns) for turns in convs]
+    batch = processor(text=texts, videos=[e.frames for e in examples], return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    vocab = processor.tokenizer.get_vocab()
+    q = max(len(turns) for turns in convs)
+    b, n = len(examples), synthvid.FRAMES * synthvid.GRID * synthvid.GRID
+    answer_pos = torch.full((b, q), -1, dtype=torch.long)
+    answer_ids = torch.full((b, q), -100, dtype=torch.long)
+    attend = torch.zeros((b, q, n), dtype=torch.bool)
+    sink = torch.zeros((b, q))
+    for i, turns in enumerate(convs):
+        where = torch.nonzero(batch["input_ids"][i] == vocab["assistant"])[:, 0]
+        for j, turn in enumerate(turns):
+            answer_pos[i, j] = where[j]
+            answer_ids[i, j] = vocab[turn.answer]
+            attend[i, j] = torch.from_numpy(turn.attend)
+            sink[i, j] = turn.sink
+    input_ids = batch["input_ids"]
+    content = torch.isin(input_ids, torch.tensor([vocab[w] for w in (*synthvid.COLOURS, *synthvid.SHAPES)]))
+    question_words = torch.zeros((b, q, input_ids.shape[1]), dtype=torch.bool)
+    for i, turns in enumerate(convs):
+        starts = torch.nonzero(input_ids[i] == vocab["user"])[:, 0]  # each turn's question begins here
+        for j in range(len(turns)):
+            span = slice(int(starts[j]), int(answer_pos[i, j]))
+            question_words[i, j, span] = content[i, span]
+    batch.update(answer_pos=answer_pos, answer_ids=answer_ids, attend=attend, sink=sink,
+                 question_words=question_words)
+    batch["cells"] = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
+    ids = np.array(
+        [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
+        np.int64,
+    )
+    batch["cell_words"] = torch.from_numpy(ids)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+class _Probe:
+    """Linear probe on the projector output, pooled 2×2 like the model pools video frames."""
+
+    def __init__(self, model: Any, dim: int, seed: int) -> None:
+        import torch
+
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.head = torch.nn.Linear(dim, _N_CLASSES + 2 * synthvid.GRID)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) * 0.02)
+            self.head.bias.zero_()
+        self.features: Any = None
+        self.hook = model.model.multi_modal_projector.register_forward_hook(self._capture)
+
+    def _capture(self, module: Any, inputs: Any, output: Any) -> None:
+        self.features = output
+
+    def loss(self, cells: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        x = self.features  # [B*T, 64, D]
+        n, m, d = x.shape
+        side = int(math.isqrt(m))
+        x = x.view(n, side, side, d).permute(0, 3, 1, 2)
+        x = F.avg_pool2d(x, 2).flatten(2).transpose(1, 2)  # [B*T, 16, D]
+        logits = self.head(x)
+        cls = cells.reshape(n, -1)
+        grid = synthvid.GRID
+        idx = torch.arange(grid * grid)
+        rows = (idx // grid).expand(n, -1)
+        cols = (idx % grid).expand(n, -1)
+        loss = F.cross_entropy(logits[..., :_N_CLASSES].reshape(-1, _N_CLASSES), cls.reshape(-1))
+        loss = loss + 0.25 * F.cross_entropy(logits[..., _N_CLASSES : _N_CLASSES + grid].reshape(-1, grid), rows.reshape(-1))
+        loss = loss + 0.25 * F.cross_entropy(logits[..., _N_CLASSES + grid :].reshape(-1, grid), cols.reshape(-1))
+        return loss
+
+
+def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> Any:
+    """Cross-entropy of the language model's output at each visual token against the words
+    describing what is in its cell (``cell_words`` ``[B, T·16, K]``, -100 where none; see
+    :func:`token_words`).
+
+    This teaches the decoder to carry "what is here" in word space at the visual positions, which
+    the answer position then only has to find and copy.
+    """
+    import torch.nn.functional as F
+
+    b, n, k = cell_words.shape
+    visual = logits[input_ids == video_id].view(b, n + 1, -1)[:, :n].float()  # drop the newline
+    flat = visual.unsqueeze(2).expand(b, n, k, visual.shape[-1]).reshape(-1, visual.shape[-1])
+    return F.cross_entropy(flat, cell_words.reshape(-1), ignore_index=-100)
+
+
+#: Decoder layers (and the one head in each) whose attention from the answer position is guided.
+GUIDED_LAYERS = (1, 2, 3)
+GUIDED_HEAD = 0
+#: The head guided for ``count`` questions instead: reading "how much of the target is there"
+#: wants a value that is the same for every kind of shape, while copying a colour or shape
+#: out of the target (every other family) wants the opposite, so one head cannot serve both.
+COUNT_HEAD = 1
+#: The head of the first decoder layer that brings the question's colour and shape words to the
+#: answer position, so the guided heads above can look for both at once (left alone, the first
+#: layer brings only the colour word of "the red circle", and counting then matches every red
+#: shape).
+QUESTION_HEAD = 0
+
+
+def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count_weight: float = 1.0) -> Any:
+    """Guidance for head :data:`GUIDED_HEAD` of the :data:`GUIDED_LAYERS`, from each turn's
+    answer position (turns without targets are skipped), plus head :data:`QUESTION_HEAD` of the
+    first layer.
+
+    Without a sink weight: ``-log`` of the attention mass on the tokens holding the answer.
+    With one (``count``, guided on :data:`COUNT_HEAD`, weighted ``count_weight``): the
+    cross-entropy of the attention against the distribution that gives each target token weight
+    1 and the first token weight ``sink``, so the share read from the targets encodes how many
+    there are. In the first layer: the cross-entropy against an even spread over the turn's
+    colour and shape words (``question_words``; turns without any are skipped). Speeds up
+    learning where to look.
+    """
+    import torch
+
+    attend, sink, pos = batch["attend"], batch["sink"], batch["answer_pos"]
+    valid = (pos >= 0) & attend.any(-1)
+    if not bool(valid.any()):
+        return attentions[0].new_zeros(())
+    b, q, n = attend.shape
+    visual = torch.nonzero(batch["input_ids"] == video_id)[:, 1].view(b, n + 1)[:, :n]  # [B, n] positions
+    first = batch["attention_mask"].long().argmax(-1)  # first real token (left padding)
+    weights = attend.float()
+    total_weight = weights.sum(-1) + sink
+    heads = torch.where(sink > 0, COUNT_HEAD, GUIDED_HEAD)  # [B, Q]
+    batch_index = torch.arange(b).unsqueeze(-1)
+    total = attentions[0].new_zeros(())
+    for layer in GUIDED_LAYERS:
+        rows = attentions[layer][batch_index, heads, pos.clamp(min=0)]  # [B, Q, L]: each turn's guided head
+        vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
+        at_first = rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
+        plain = -torch.log((vis * weights).sum(-1).clamp_min(1e-6))
+        spread = -((weights * vis.log()).sum(-1) + sink * at_first.log()) / total_weight.clamp_min(1e-6)
+        total = total + torch.where(sink > 0, count_weight * spread, plain)[valid].mean()
+    total = total / len(GUIDED_LAYERS)
+    words = batch["question_words"].float()  # [B, Q, L]
+    asks = (pos >= 0) & (words.sum(-1) > 0)
+    if bool(asks.any()):
+        length = attentions[0].shape[-1]
+        rows = attentions[0][:, QUESTION_HEAD].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(b, q, length))
+        spread = -(words * rows.clamp_min(1e-6).log()).sum(-1) / words.sum(-1).clamp_min(1)
+        total = total + spread[asks].mean()
+    return total
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of ``step``: linear warm-up within each stage, then cosine decay over the second."""
+    if step < cfg.vision_steps:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    step -= cfg.vision_steps
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _checkpoint(cfg: TrainConfig, directory: Path, done: int, model: Any, probe: _Probe, optimizer: Any) -> None:
+    """Save a checkpoint after step ``done`` when due (every ``--checkpoint-every`` steps and at the end)."""
+    import torch
+
+    total = cfg.vision_steps + cfg.steps
+    if cfg.checkpoint_every <= 0 or not (done % cfg.checkpoint_every == 0 or done == total):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{done}.pt"
+    torch.save(
+        {"model": model.state_dict(), "probe": probe.head.state_dict(), "optimizer": optimizer.state_dict(),
+         "step": done, "config": vars(cfg)},
+        path,
+    )
+    for old in directory.glob("step-*.pt"):
+        if old != path:
+            old.unlink()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training as configured; returns the output directory."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(cfg.threads)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = build_model(cfg.seed, tokenizer)
+    model.set_attn_implementation("eager")  # attention probabilities for the guidance loss
+    model.train()
+    probe = _Probe(model, model.config.text_config.hidden_size, cfg.seed)
+    params = list(model.parameters()) + list(probe.head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    start = 0
+    if cfg.resume:
+        latest = _latest_checkpoint(ckpt_dir)
+        if latest is not None:
+            state = torch.load(latest, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            probe.head.load_state_dict(state["probe"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+            print(f"resumed from {latest} (step {start})", file=sys.stderr)
+
+    def optimise(loss: Any, done: int) -> None:
+        """One optimiser step on ``loss``, then the checkpoint after ``done`` steps if one is due."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        _checkpoint(cfg, ckpt_dir, done, model, probe, optimizer)
+
+    video_id = int(model.config.video_token_index)
+    end_id = int(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    total = cfg.vision_steps + cfg.steps
+    bar = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    ema_loss, ema_acc = None, None
+    family_acc: dict[str, float | None] = dict.fromkeys(synthvid.FAMILIES)
+    began = time.perf_counter()
+    for step in bar:
+        examples = [synthvid.make_example(s) for s in step_seeds(cfg.seed, step, cfg.batch_size, cfg.family_weights)]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        if step < cfg.vision_steps:
+            # Stage 1: the vision tower and projector alone learn what each token holds.
+            pixels = processor.video_processor(videos=[e.frames for e in examples], return_tensors="pt")
+            model.model.get_video_features(
+                pixels["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            )
+            cells = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
+            aux = probe.loss(cells)
+            optimise(aux, step + 1)
+            bar.set_postfix(stage="vision", probe=f"{float(aux.detach()):.3f}")
+            continue
+        if step == max(start, cfg.vision_steps):
+            model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
+        batch = make_batch(processor, examples, cfg.extra_questions)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values_videos=batch["pixel_values_videos"],
+            output_attentions=True,
+        )
+        pos, targets = batch["answer_pos"].clamp(min=0), batch["answer_ids"]
+        asked = targets != -100
+        rows = torch.arange(len(examples)).unsqueeze(-1)
+        logits = out.logits[rows, pos].float()  # [B, Q, V] predicting each answer word
+        ends = out.logits[rows, pos + 1].float()[asked]  # ... and the end of its turn
+        # summed over the two tokens, so the answer word weighs as much as each auxiliary loss
+        answer_loss = F.cross_entropy(logits[asked], targets[asked]) + F.cross_entropy(
+            ends, ends.new_full((ends.shape[0],), end_id, dtype=torch.long)
+        )
+        aux = probe.loss(batch["cells"])
+        words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
+        focus = _attention_loss(out.attentions, batch, video_id, cfg.count_focus)
+        optimise(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus, step + 1)
+        hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()  # each example's own question
+        for example, hit in zip(examples, hits):
+            old = family_acc[example.family]
+            family_acc[example.family] = float(hit) if old is None else 0.98 * old + 0.02 * float(hit)
+        acc = float(np.mean(hits))
+        value = float(answer_loss.detach())
+        ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
+        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        bar.set_postfix(loss=f"{ema_loss:.3f}", words=f"{float(words.detach()):.3f}", acc=f"{ema_acc:.3f}")
+        if (step + 1) % 100 == 0:
+            per_family = " ".join(f"{f}={a:.2f}" for f, a in family_acc.items() if a is not None)
+            bar.write(f"step {step + 1}: answer loss {ema_loss:.3f}, running accuracy {ema_acc:.3f} ({per_family})",
+                      file=sys.stderr)
+    bar.close()
+    probe.hook.remove()
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    out_dir = save_model(model, processor, cfg.out)
+    elapsed = time.perf_counter() - began
+    print(f"trained {total - start} steps in {elapsed / 60:.1f} min; wrote {out_dir}", file=sys.stderr)
+    if cfg.eval_n > 0:
+        from .evaluate import evaluate_dir
+
+        evaluate_dir(out_dir, cfg.eval_n)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = build_parser().parse_args(argv, namespace=TrainConfig())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

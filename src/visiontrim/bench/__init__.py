@@ -1,1 +1,0 @@
-"""Measuring methods: ``visiontrim bench quality`` (accuracy on synthetic video QA) and ``speed``."""
