@@ -270,6 +270,22 @@ def test_dycoke_decode_stage_prunes_and_can_be_neutral(models):
         assert first is not None and first.numel() == int((1 - 0.7) * 32)
 
 
+def test_dycoke_decode_stage_starts_every_generation_afresh(models):
+    """Unlike the official code, stage 2 keeps no attention from one generation to the next:
+    A, then B, then A again gives A's tokens and decode-time choices both times."""
+    model = models("llava-onevision", "sdpa")
+    a = make_batch(model, "llava-onevision", samples_for("llava-onevision", 1), seed=3)
+    b = make_batch(model, "llava-onevision", samples_for("llava-onevision", 1), seed=4)
+    runs = []
+    with tokensieve.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=2, dp_threshold=0.999):
+        for kw in (a, b, a):
+            out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+            hist = tokensieve.stats(model).inllm.dp_history
+            runs.append((out, [[None if k is None else k.tolist() for k in step] for step in hist]))
+    assert torch.equal(runs[0][0], runs[2][0]) and runs[0][1] == runs[2][1]
+    assert runs[0][1][0][0] is not None  # the first decode step re-selects (no stored attention)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_row_attention_equals_rows_of_the_full_eager_matrix(models, arch):
     """Invariant 7's building block: the captured rows are the full softmax rows (RoPE / M-RoPE)."""
@@ -394,6 +410,25 @@ def test_sparsevlm_reference_schedules_on_a_576_token_image(variant, target, e_o
         assert [len(r[1]) for r in st.inllm.recycled[0]] == [9, 4, 3]
         v_out = st.inllm.v_out[0]
         assert v_out[:3] == [576, 576, 309] and v_out[6] == 204 and v_out[15] == 113
+
+
+def test_sparsevlm_keeps_at_most_v_minus_one_like_the_reference(models):
+    """V0 = 300 at target 192: the first scheduled keep (300) equals V, so the reference keeps
+    V − 1 = 299 and recycles the one pruned token (the runtime once kept all 300, pruning nothing)."""
+    from tokensieve.methods.sparsevlm import recycle_counts, simulate_schedule
+
+    model = models("qwen2-vl", "sdpa")
+    kw = make_batch(model, "qwen2-vl", [[("image", (20, 60))]])
+    assert int((kw["input_ids"] == IMAGE).sum()) == 300
+    with tokensieve.compress(model, "sparsevlm", retain=0.5, budget="schedule", target=192,
+                             pruning_layers=(0, 1, 2)):
+        model(**kw)
+        rec = tokensieve.stats(model).inllm
+    assert [k.numel() for k in rec.kept[0]] == [299, 200, 110]
+    c = recycle_counts(1)[1]
+    assert c == 1 and len(rec.recycled[0][0][1]) == c
+    sim = simulate_schedule(300, LAYERS, {0: 300, 1: 200, 2: 110})
+    assert rec.v_out[0] == sim["v_out"] and rec.v_out[0][0] == 300
 
 
 def test_sparsevlm_schedule_longer_than_the_sequence_is_a_clear_error(models):

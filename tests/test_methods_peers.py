@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -148,7 +151,7 @@ def test_reference_pair_source_uses_the_previous_pair():
     x[1, 1] = torch.randn(D, generator=g)  # pair (0, 1) changes at position 1
     x[3, 3] = torch.randn(D, generator=g)  # pair (2, 3) changes at position 3
     own = DyCoke(dycoke_k=0.8).select(x, 1.0).keep.tolist()
-    ref = DyCoke(dycoke_k=0.8, ttm_pair_source="reference").select(x, 1.0).keep.tolist()
+    ref = DyCoke(dycoke_k=0.8, ttm_pair_source="previous").select(x, 1.0).keep.tolist()
     assert own == list(range(5)) + [5 + 1] + list(range(10, 15)) + [15 + 3]
     assert ref == list(range(5)) + [5 + 3] + list(range(10, 15)) + [15 + 1]  # the first pair uses the last one's
 
@@ -262,3 +265,51 @@ def test_exact_totals_and_well_formed_selection(T, M, r, seed, method, budget, v
     assert torch.equal(again.keep, keep)
     if sel.features is not None:
         assert torch.equal(again.features, sel.features)
+
+
+# M, K pairs where float32 and the official code's Python float disagree on floor((1 - K) * M)
+_K_GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+_M_GRID = [1, 4, 9, 49, 64, 100, 144, 196, 200, 256, 300, 400, 576, 729]
+
+
+def test_dycoke_count_rule_uses_the_official_python_float():
+    """q = max(1, int((1 - K)·M)) with K a Python float, as the official TTM computes it. Pinned cases
+    where a float32 K keeps one token fewer (e.g. M = 300, K = 0.3: 210, float32 gives 209)."""
+    assert dycoke_count(2, 300, 1.0, dycoke_k=0.3) == 300 + 210
+    assert dycoke_count(2, 100, 1.0, dycoke_k=0.3) == 100 + 70
+    assert dycoke_count(2, 200, 1.0, dycoke_k=0.3) == 200 + 140
+    assert dycoke_count(2, 400, 1.0, dycoke_k=0.3) == 400 + 280
+    differ = 0
+    for M in _M_GRID:
+        for K in _K_GRID:
+            q = max(1, int((1.0 - K) * M))  # the official rule, written out
+            assert dycoke_count(2, M, 1.0, dycoke_k=K) == M + min(q, M), (M, K)
+            f32 = math.floor((1.0 - float(np.float32(K))) * M)
+            differ += max(1, f32) != q
+    assert differ > 0  # the grid does contain cases the float32 reading got wrong
+
+
+def test_ttm_keep_order_similarity_emits_least_similar_first():
+    """The official code emits a pruned frame's kept tokens in top-k (ascending similarity)
+    order; the selected set is the same as in raster order."""
+    g = torch.Generator().manual_seed(9)
+    M, D = 6, 8
+    x = torch.randn(1, M, D, generator=g).expand(2, M, D).clone()
+    x[1] += 0.05 * torch.randn(M, D, generator=g)
+    x[1, 4] = torch.randn(D, generator=g)  # least similar
+    x[1, 1] = x[0, 1] + 0.3 * torch.randn(D, generator=g)  # second least similar
+    raster = DyCoke(dycoke_k=0.5).select(x, 1.0)
+    ordered = DyCoke(dycoke_k=0.5, ttm_keep_order="similarity").select(x, 1.0)
+    assert torch.equal(raster.keep, ordered.keep) and raster.order is None
+    sim = torch.nn.functional.cosine_similarity(x[1], x[0], dim=-1)
+    expected = M + torch.argsort(sim)[:3]  # q = 3 least similar, least first
+    emitted = ordered.keep[ordered.order]
+    assert emitted[:M].tolist() == list(range(M))  # the anchor frame stays in raster order
+    assert emitted[M:].tolist() == expected.tolist()
+    assert emitted[M:].tolist() != sorted(emitted[M:].tolist())
+
+
+def test_dycoke_renamed_and_refused_option_values():
+    for bad in ({"ttm_pair_source": "reference"}, {"ttm_keep_order": "reference"}):
+        with pytest.raises(tokensieve.InputError, match="must be one of"):
+            DyCoke(**bad)

@@ -308,3 +308,42 @@ def test_right_padding_gives_the_same_logits_as_left_padding(models, arch):
     assert m_l.seq_after == m_r.seq_after
     for b, n in enumerate(m_l.seq_after):
         torch.testing.assert_close(out_l[b, -n:], out_r[b, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["preserve", "compact"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2-vl"])
+def test_a_methods_emission_order_reaches_the_language_model(models, arch, positions):
+    """DyCoke's ``ttm_keep_order="similarity"``: each pruned frame's kept tokens enter the LLM least
+    similar first (the official order). The expected sequence is built here from the method run
+    on the captured features, then decoded with the unpatched language model by hand."""
+    from tokensieve.methods import DyCoke
+
+    model = models(arch, "sdpa")
+    mrope = arch != "llava-onevision"
+    kw = make_batch(model, arch, [[("video", None)], [("video", None)]])
+    seen = capture_lm_inputs(model, kw)
+    full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
+    opts = {"dycoke_k": 0.5, "ttm_keep_order": "similarity"}
+    with tokensieve.compress(model, "dycoke", retain=1.0, positions=positions, **opts):
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    emitted = []
+    for b in range(ids.shape[0]):
+        video = (ids[b] == VIDEO).nonzero(as_tuple=True)[0]
+        T = 2 if mrope else 4  # token frames (Qwen merges 2 raw frames)
+        M = (video.numel() - (0 if mrope else 1)) // T  # LLaVA's trailing newline is structural
+        content = video[: T * M]
+        sel = DyCoke(**opts).select(seen["inputs_embeds"][b, content].view(T, M, -1), 1.0)
+        assert sel.order is not None
+        others = mask[b].bool().clone()
+        others[content] = False
+        seq = torch.cat([others.nonzero(as_tuple=True)[0], content[sel.keep]]).sort().values
+        slots = torch.isin(seq, content)
+        seq[slots] = content[sel.keep[sel.order]]
+        emitted.append(seq)
+    emb, m, pos = gather_by_hand(seen["inputs_embeds"], full_pos, mask, emitted, positions, mrope)
+    ref_tokens, _, steps = reference_greedy(model, emb, m, pos, N_NEW, mrope)
+    assert torch.equal(out.sequences[:, ids.shape[1]:], ref_tokens)
+    for got, want in zip(out.logits, steps):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

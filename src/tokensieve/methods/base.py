@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -30,12 +33,16 @@ class Selection:
         features: optional ``[K, D]`` replacement features for the kept tokens (merging methods);
             ``None`` keeps the original features.
         frame_weights: optional ``[T]`` continuous share of each frame (budget policies).
+        order: optional ``[K]`` permutation of ``range(K)``: the kept tokens enter the language
+            model as ``keep[order]`` (a method whose reference emits them out of raster order);
+            ``None``: in ``keep``'s (raster) order.
     """
 
     keep: torch.Tensor
     frame_counts: torch.Tensor
     features: torch.Tensor | None = None
     frame_weights: torch.Tensor | None = None
+    order: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +103,126 @@ class MethodSpec:
         if unknown:
             accepted = ", ".join(sorted(self.options)) or "none"
             raise InputError(f"method {self.name!r} does not accept option(s) {', '.join(unknown)}; accepted: {accepted}")
+        if dataclasses.is_dataclass(self.factory):
+            options = check_options(self.name, self.factory, options)
         return self.factory(**options)
 
     def positions_for(self, style: str) -> str:
         return self.default_positions.get(style, "compact")
+
+
+# --- option values ------------------------------------------------------------------------------
+
+INT64_MAX = 2**63 - 1
+
+
+def as_scalar(value: object) -> object:
+    """A 0-d tensor or NumPy scalar as the Python number it holds; anything else unchanged."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None:
+        try:
+            out = item()
+        except (TypeError, ValueError, RuntimeError):
+            return value
+        return out if isinstance(out, (bool, int, float)) else value
+    return value
+
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"(0, 1]"`` → ``(0.0, 1.0, False, True)``; ``inf`` allowed as a bound."""
+    lo_s, hi_s = text[1:-1].split(",")
+    return float(lo_s), float(hi_s), text[0] == "[", text[-1] == "]"
+
+
+def _in_interval(x: float, text: str) -> bool:
+    lo, hi, lo_closed, hi_closed = _interval(text)
+    return (x > lo or (lo_closed and x == lo)) and (x < hi or (hi_closed and x == hi))
+
+
+def _number(method: str, name: str, value: object, kind: type, interval: str | None) -> float | int:
+    what = "an integer" if kind is int else "a finite number"
+    accepted = what + (f" in {interval}" if interval else "")
+    value = as_scalar(value)
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not bad and kind is int and isinstance(value, float):
+        bad = not (math.isfinite(value) and value.is_integer())
+    if bad:
+        raise InputError(f"{method} option {name} must be {accepted}, got {value!r} ({type(value).__name__})")
+    if kind is int:
+        number: float | int = int(value)  # type: ignore[arg-type]
+        if not -INT64_MAX - 1 <= number <= INT64_MAX:
+            raise InputError(f"{method} option {name} must be {accepted} (a 64-bit integer), got {value!r}")
+    else:
+        number = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(number):
+            raise InputError(f"{method} option {name} must be {accepted}, got {value!r}")
+    if interval is not None and not _in_interval(float(number), interval):
+        raise InputError(f"{method} option {name} must be {accepted}, got {value!r}")
+    return number
+
+
+def check_option(method: str, name: str, value: object, hint: object, interval: str | None = None) -> object:
+    """Check one option value against its declared type (``float``, ``int``, ``bool``, ``str``,
+    ``tuple[int, ...]``, ``tuple[float, ...]``, unions with ``None``) and, for numbers, the
+    interval declared in the field's metadata (``"range"``, e.g. ``"(0, 1]"``). Returns the value
+    normalised (NumPy / 0-d tensor scalars become Python numbers, lists become tuples).
+    Raises :class:`InputError` naming the option, the value and what is accepted."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    value = as_scalar(value)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise InputError(f"{method} option {name} must not be None")
+    kinds = [a for a in args if a is not type(None)]
+    errors: list[InputError] = []
+    for kind in kinds:
+        try:
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise InputError(f"{method} option {name} must be True or False, got {value!r}")
+                return value
+            if kind is str:
+                if not isinstance(value, str):
+                    raise InputError(f"{method} option {name} must be a string, got {value!r} ({type(value).__name__})")
+                return value
+            if kind in (int, float):
+                return _number(method, name, value, kind, interval)
+            if typing.get_origin(kind) is tuple:
+                item = typing.get_args(kind)[0]
+                if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)):
+                    raise InputError(
+                        f"{method} option {name} must be a list of {'integers' if item is int else 'numbers'}"
+                        + (f" in {interval}" if interval else "") + f", got {value!r}"
+                    )
+                return tuple(_number(method, name, v, item, interval) for v in value)
+            return value  # a type this check does not know: the method validates it
+        except InputError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    accepted = " or ".join(_describe(k, interval) for k in kinds)
+    raise InputError(f"{method} option {name} must be {accepted}, got {value!r}")
+
+
+def _describe(kind: object, interval: str | None) -> str:
+    if kind is int:
+        return "an integer" + (f" in {interval}" if interval else "")
+    if kind is float:
+        return "a finite number" + (f" in {interval}" if interval else "")
+    return getattr(kind, "__name__", str(kind))
+
+
+def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """:func:`check_option` for every given option of the dataclass method ``cls``."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in options.items():
+        f = fields[name]
+        out[name] = check_option(method, name, value, hints.get(name), f.metadata.get("range"))
+    return out
 
 
 def options_of(cls: type) -> dict[str, str]:

@@ -19,7 +19,7 @@ from .budget import BUDGET_POLICIES, COUNT_RULES, frame_budget
 class RandomSelect:
     """Keep a seeded random subset of each frame's tokens."""
 
-    seed: int = field(default=0, metadata={"help": "random seed; each segment draws from its own stream"})
+    seed: int = field(default=0, metadata={"range": "[0, inf)", "help": "random seed; each segment draws from its own stream"})
     budget: str = field(default="uniform", metadata={"help": "per-frame budget policy: 'uniform' or 'fca'"})
     count_rule: str = field(default="round", metadata={"help": "total count: 'round' r*N or 'floor' float32(r)*N"})
 

@@ -30,7 +30,11 @@ COUNT_RULES = ("round", "floor")
 
 
 def check_retain(retain: object) -> float:
-    """Validate a retain ratio and return it as a float; raises :class:`InputError`."""
+    """Validate a retain ratio (any real scalar: Python, NumPy or a 0-d tensor) and return it as
+    a float; raises :class:`InputError`."""
+    from .base import as_scalar
+
+    retain = as_scalar(retain)
     if isinstance(retain, bool) or not isinstance(retain, (int, float)):
         raise InputError(f"retain must be a number in (0, 1], got {retain!r} ({type(retain).__name__})")
     value = float(retain)

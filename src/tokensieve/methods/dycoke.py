@@ -9,8 +9,10 @@
    against frame ``i``.
 
 So every 4th frame (and, for odd ``T``, the last frame) is an **anchor** kept whole; every
-other frame is **pruned**. Kept tokens are emitted in raster order; for odd ``T`` the last
-frame is emitted whole (the reference drops it). By default dropped tokens are discarded
+other frame is **pruned**. Kept tokens are emitted in raster order (``ttm_keep_order="raster"``);
+the official code emits a pruned frame's kept tokens in ascending-similarity (top-k) order,
+which ``ttm_keep_order="similarity"`` reproduces. For odd ``T`` the last frame is emitted
+whole (the official code drops it, and fails for ``T <= 4``). By default dropped tokens are discarded
 (the reference); ``ttm_op="average_into_anchor"`` instead averages each dropped token into
 the token at the same position of the frame it was compared to (following chains to a kept
 token), and returns the group means as ``features``.
@@ -19,7 +21,8 @@ Counts (a function of ``(T, M, retain)`` and the options only, see :func:`dycoke
 with ``W`` anchor and ``P`` pruned frames,
 
 * ``dycoke_k`` given (the reference's merging ratio, retain ignored): every pruned frame keeps
-  ``q = clamp(⌊(1 − k)·M⌋, 1, M)`` (``k`` read as float32), total ``W·M + P·q``
+  ``q = clamp(⌊(1 − k)·M⌋, 1, M)`` in float64, as the official code's Python float (a float32
+  ``k`` would keep one token fewer at e.g. M = 300, k = 0.3), total ``W·M + P·q``
   (T = 32, M = 196, k = 0.7 → 9·196 + 23·58 = 3098, 49.4%);
 * ``dycoke_k=None`` (default): the total is ``min(N, max(W·M + P, retained_count(T, N, r)))``
   — exactly the library's count whenever it is reachable; below ``W·M + P`` (anchors whole,
@@ -64,10 +67,6 @@ def ttm_plan(num_frames: int, last_quad: str = "reference") -> torch.Tensor:
     return anchor
 
 
-def _f32(value: float) -> float:
-    return float(torch.tensor(float(value), dtype=torch.float32).item())
-
-
 def dycoke_count(
     num_frames: int,
     tokens_per_frame: int,
@@ -83,7 +82,7 @@ def dycoke_count(
     P = int((plan >= 0).sum())
     W = T - P
     if dycoke_k is not None:
-        q = min(M, max(1, math.floor((1.0 - _f32(dycoke_k)) * M)))
+        q = min(M, max(1, int((1.0 - float(dycoke_k)) * M)))
         return W * M + P * q
     return min(T * M, max(W * M + P, retained_count(T, T * M, retain, count_rule)))
 
@@ -101,7 +100,7 @@ class DyCoke:
 
     dycoke_k: float | None = field(
         default=None,
-        metadata={"help": "merging ratio K in [0, 1): pruned frames keep floor((1-K)*M); None: from retain"},
+        metadata={"range": "[0, 1)", "help": "merging ratio K in [0, 1): pruned frames keep floor((1-K)*M); None: from retain"},
     )
     budget: str = field(
         default="uniform",
@@ -115,14 +114,19 @@ class DyCoke:
     )
     ttm_pair_source: str = field(
         default="own",
-        metadata={"help": "pair similarity: the 'own' pair's, or the previous pair's ('reference')"},
+        metadata={"help": "pair similarity: the 'own' pair's (official HEAD), or the 'previous' pair's "
+                          "(the official first commit's off-by-one)"},
+    )
+    ttm_keep_order: str = field(
+        default="raster",
+        metadata={"help": "order of a pruned frame's kept tokens: 'raster' or 'similarity' (official code)"},
     )
     count_rule: str = field(
         default="round", metadata={"help": "total from retain: 'round' r*N or 'floor' float32(r)*N"}
     )
     dp: bool = field(default=False, metadata={"help": "stage 2: dynamic visual KV pruning while decoding"})
-    dp_layer: int = field(default=3, metadata={"help": "stage 2: first decoder layer whose visual KV is pruned"})
-    dp_prune: float = field(default=0.7, metadata={"help": "stage 2: fraction of visual KV hidden on a changed step"})
+    dp_layer: int = field(default=3, metadata={"range": "[1, inf)", "help": "stage 2: first decoder layer whose visual KV is pruned"})
+    dp_prune: float = field(default=0.7, metadata={"range": "[0, 1)", "help": "stage 2: fraction of visual KV hidden on a changed step"})
     dp_threshold: float = field(default=0.9, metadata={"help": "stage 2: cosine below which the selection is redone"})
     dp_stable: str = field(default="reference", metadata={"help": "stage 2 on stable steps: 'reference' or 'reuse_previous'"})
 
@@ -144,7 +148,8 @@ class DyCoke:
         validate_choice("dycoke option budget", self.budget, BUDGET_POLICIES)
         validate_choice("dycoke option ttm_op", self.ttm_op, ("drop", "average_into_anchor"))
         validate_choice("dycoke option ttm_last_quad", self.ttm_last_quad, ("reference", "process"))
-        validate_choice("dycoke option ttm_pair_source", self.ttm_pair_source, ("own", "reference"))
+        validate_choice("dycoke option ttm_pair_source", self.ttm_pair_source, ("own", "previous"))
+        validate_choice("dycoke option ttm_keep_order", self.ttm_keep_order, ("raster", "similarity"))
         validate_choice("dycoke option count_rule", self.count_rule, COUNT_RULES)
 
     def count(self, num_frames: int, tokens_per_frame: int, retain: float) -> int:
@@ -185,7 +190,7 @@ class DyCoke:
             if a < 0:
                 continue
             src, ref = t, a
-            if self.ttm_pair_source == "reference" and t % 2 == 1:
+            if self.ttm_pair_source == "previous" and t % 2 == 1:
                 j = ((t // 2) - 1) % n_pairs  # previous pair; the first pair uses the last one
                 src, ref = 2 * j + 1, 2 * j
             sim[t] = same_position_similarity(x[src], x[ref])
@@ -195,12 +200,16 @@ class DyCoke:
         """Kept tokens of one video ``x`` ``[T, M, D]`` (``features`` ``[K, D]`` only with averaging)."""
         T, M, D = check_segment(x)
         counts, weights = self.frame_counts(x, retain)
-        order = rank_ascending(self.similarity(x))  # least similar first, ties: smaller m
-        keep = gather_per_frame(order, counts)
+        ranking = rank_ascending(self.similarity(x))  # least similar first, ties: smaller m
+        keep = gather_per_frame(ranking, counts)
         features = None
         if self.ttm_op == "average_into_anchor":
             features = self._average(x, keep)
-        return Selection(keep=keep, frame_counts=counts, features=features, frame_weights=weights)
+        order = None
+        if self.ttm_keep_order == "similarity":  # each frame's kept tokens least similar first
+            emitted = torch.cat([ranking[t, : int(counts[t])] + t * M for t in range(T)])
+            order = torch.searchsorted(keep, emitted)
+        return Selection(keep=keep, frame_counts=counts, features=features, frame_weights=weights, order=order)
 
     def _average(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mean of every kept token's group (itself plus the dropped tokens chained to it): ``[K, D]``."""

@@ -140,7 +140,7 @@ class FastV:
     Positions default to ``preserve`` (the reference keeps the original ids, with gaps).
     """
 
-    layer: int = field(default=2, metadata={"help": "K: first layer that sees the pruned sequence (>= 1)"})
+    layer: int = field(default=2, metadata={"range": "[1, inf)", "help": "K: first layer that sees the pruned sequence (>= 1)"})
     query: str = field(default="last", metadata={"help": "ranking rows: 'last' prompt token or 'mean_text'"})
     equivalent: str = field(default="input", metadata={"help": "retain means E_in, E_out or 'keep' at layer K"})
     budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
@@ -194,8 +194,8 @@ class PDrop:
     ``equivalent`` count equals ``retain·V0``. Positions default to ``compact``.
     """
 
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "stage boundaries (None: L/4, L/2, 3L/4)"})
-    ratios: tuple[float, ...] | None = field(default=None, metadata={"help": "keep fraction per stage (None: from retain)"})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"range": "[1, inf)", "help": "stage boundaries (None: L/4, L/2, 3L/4)"})
+    ratios: tuple[float, ...] | None = field(default=None, metadata={"range": "(0, 1]", "help": "keep fraction per stage (None: from retain)"})
     equivalent: str = field(default="input", metadata={"help": "retain means E_in or E_out ('keep': first stage)"})
     budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
 
@@ -283,7 +283,7 @@ class DyCokeDP:
     ``"reuse_previous"`` keeps the last selection.
     """
 
-    layer: int = field(default=3, metadata={"help": "first layer whose attention is pruned at decode (>= 1)"})
+    layer: int = field(default=3, metadata={"range": "[1, inf)", "help": "first layer whose attention is pruned at decode (>= 1)"})
     prune: float = field(default=0.7, metadata={"help": "fraction of visual KV hidden per changed step, in [0, 1)"})
     threshold: float = field(default=0.9, metadata={"help": "cosine similarity below which the selection is redone"})
     stable: str = field(default="reference", metadata={"help": "'reference' or 'reuse_previous' on stable steps"})

@@ -332,11 +332,11 @@ class LFTR:
     )
     temporal_ratio: float | None = field(
         default=None,
-        metadata={"help": "temporal retention fraction in (0, 1]; None: derived from retain"},
+        metadata={"range": "[1e-6, 1]", "help": "temporal retention fraction in [1e-6, 1]; None: derived from retain"},
     )
     spatial_ratio: float | None = field(
         default=None,
-        metadata={"help": "spatial retention fraction of the temporal output; None: derived from retain"},
+        metadata={"range": "[1e-6, 1]", "help": "spatial retention fraction of the temporal output; None: derived from retain"},
     )
     split: str = field(
         default="sqrt",
@@ -368,7 +368,7 @@ class LFTR:
     )
     min_per_frame: int = field(
         default=1,
-        metadata={"help": "1: every frame keeps a token; 0: spec-literal counts (merging may empty a frame)"},
+        metadata={"range": "[0, 1]", "help": "1: every frame keeps a token; 0: spec-literal counts (merging may empty a frame)"},
     )
     count_rule: str = field(
         default="round",

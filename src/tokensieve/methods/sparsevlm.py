@@ -576,6 +576,14 @@ def equivalent_tokens(v_in: Sequence[int], v_out: Sequence[int]) -> tuple[float,
     return sum(v_out) / n, sum(v_in) / n
 
 
+def bounded_keep(keep: int, num_visual: int) -> int:
+    """Visual tokens a scheduled pruning layer keeps out of ``V`` in: ``min(keep, V − 1)``, the
+    reference's rule (§2: it always prunes at least one token, which recycling may bring back
+    as a merged one); a layer reached with ``V <= 1`` cannot prune and keeps ``V``."""
+    V = int(num_visual)
+    return V if V <= 1 else min(int(keep), V - 1)
+
+
 def simulate_schedule(
     num_visual: int,
     num_layers: int,
@@ -603,7 +611,7 @@ def simulate_schedule(
     for layer in range(num_layers):
         v_in.append(V)
         if layer in sched and V >= 2:
-            k = min(sched[layer], V - 1)
+            k = bounded_keep(sched[layer], V)
             c = recycle_counts(V - k, tau, theta)[1] if recycle else 0
             kept[layer], recycled[layer] = k, c
             V = k + c
@@ -788,21 +796,21 @@ class SparseVLMOptions:
     """
 
     variant: str = field(default="v1.5", metadata={"help": "'v1.5' (ICML code), 'v1.0' (rank budgets) or 'v2' (SparseVLM+)"})
-    pruning_layers: tuple[int, ...] | None = field(default=None, metadata={"help": "increasing layer indices"})
+    pruning_layers: tuple[int, ...] | None = field(default=None, metadata={"range": "[0, inf)", "help": "increasing layer indices"})
     budget: str | None = field(default=None, metadata={"help": "'schedule', 'ratio' (retain-driven) or 'rank'"})
     target: int = field(default=192, metadata={"help": "equivalent tokens of the fixed tables: 192, 128, 96 or 64"})
     recycle: bool | None = field(default=None, metadata={"help": "recycle pruned tokens by DPC-kNN"})
-    recycle_tau: float = field(default=RECYCLE_TAU, metadata={"help": "share of pruned tokens clustered"})
-    recycle_theta: float = field(default=RECYCLE_THETA, metadata={"help": "clusters per candidate"})
+    recycle_tau: float = field(default=RECYCLE_TAU, metadata={"range": "(0, 1]", "help": "share of pruned tokens clustered"})
+    recycle_theta: float = field(default=RECYCLE_THETA, metadata={"range": "(0, 1]", "help": "clusters per candidate"})
     recycle_merge: str = field(default="mean", metadata={"help": "'mean' (code) or 'sum' (paper)"})
     gravity_correction: bool | None = field(default=None, metadata={"help": "divide attention by the RoPE kernel"})
-    gravity_floor: float = field(default=GRAVITY_FLOOR, metadata={"help": "lower clamp of the RoPE kernel"})
+    gravity_floor: float = field(default=GRAVITY_FLOOR, metadata={"range": "(0, inf)", "help": "lower clamp of the RoPE kernel"})
     priority_heads: int | float | None = field(default=None, metadata={"help": "top-k heads (int) or fraction"})
     rank_form: str | None = field(default=None, metadata={"help": "'paper' or 'v1code'"})
-    lam: float = field(default=1.0, metadata={"help": "paper rank form: tokens deleted = lam*(V - rank)"})
+    lam: float = field(default=1.0, metadata={"range": "[0, inf)", "help": "paper rank form: tokens deleted = lam*(V - rank)"})
     scale: float | None = field(default=None, metadata={"help": "v1code rank form scale"})
     bias: float | None = field(default=None, metadata={"help": "v1code rank form bias"})
-    seed: int | None = field(default=None, metadata={"help": "recycling tie-break noise seed (None: by index)"})
+    seed: int | None = field(default=None, metadata={"range": "[0, inf)", "help": "recycling tie-break noise seed (None: by index)"})
 
     def __post_init__(self) -> None:
         self.variant = canonical_variant(self.variant)
@@ -977,6 +985,11 @@ class SparseVLM(SparseVLMOptions):
             gravity = rope_gravity(row_pos, col_pos, head_dim, theta=layout.rope_theta,  # type: ignore[attr-defined]
                                    mrope_section=layout.mrope_section)  # type: ignore[attr-defined]
         return significance(attn, visual, heads=self.priority_heads, gravity=gravity, gravity_floor=self.gravity_floor)
+
+    def keep_bound(self, keep: int, num_visual: int) -> int:
+        """Scheduled keep counts follow :func:`bounded_keep` (``min(keep, V − 1)``); the rank
+        budget's count is used as it is (``V`` means: skip this layer)."""
+        return int(keep) if self.budget == "rank" else bounded_keep(keep, num_visual)
 
     def dynamic_keep(self, attn: torch.Tensor, layout: object) -> int | None:
         """Rank budget: the keep count from the rater attention ``P``; ``None`` for fixed budgets."""

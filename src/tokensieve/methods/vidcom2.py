@@ -29,8 +29,8 @@ class VidCom2:
 
     exact: bool = field(default=True, metadata={"help": "exact total (False: reference rounding)"})
     budget: str = field(default="fca", metadata={"help": "per-frame budget: 'fca' or 'uniform' (FCA off)"})
-    tau: float = field(default=TAU, metadata={"help": "softmax temperature of the frame budget"})
-    ch_ratio: float = field(default=CH_RATIO, metadata={"help": "fraction of lowest-variance channels scored"})
+    tau: float = field(default=TAU, metadata={"range": "[1e-12, inf)", "help": "softmax temperature of the frame budget"})
+    ch_ratio: float = field(default=CH_RATIO, metadata={"range": "(0, 1]", "help": "fraction of lowest-variance channels scored"})
     count_rule: str = field(default="round", metadata={"help": "total count: 'round' r*N or 'floor' float32(r)*N"})
 
     def __post_init__(self) -> None:

@@ -16,7 +16,11 @@ A contextual token sits at its target's position (so with M-RoPE it carries the 
 ids). The runtime lays kept tokens out in raster order, so the reference's "dominant first,
 then contextual" sequence order is not reproduced; the set and the embeddings are.
 The similarity is measured on the segment's own (post-projector) tokens, since the
-encoder's keys are not part of the method interface.
+encoder's keys are not part of the method interface; the official code merges before the
+projector, on the encoder's keys (with an MLP projector the merged features lie about 6%
+relative L2 apart). The official code also counts and keeps [CLS] inside its "54 + 10"
+(CLS + 53 patches + 10 contextual); the supported towers have no [CLS], so every dominant
+slot goes to a patch token.
 """
 
 from __future__ import annotations

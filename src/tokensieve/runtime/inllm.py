@@ -422,12 +422,14 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             lay.rows = state.rows_used[b]
             lay.head_dim, lay.rope_theta, lay.mrope_section = rope
             score = method.score(attn[b], lay, p)
-            k = min(p.keep, lay.visual.numel())
+            V = int(lay.visual.numel())
+            bound = getattr(method, "keep_bound", None)  # the method's rule (SparseVLM: V − 1), else V
+            k = bound(p.keep, V) if bound is not None else min(p.keep, V)
             dynamic = getattr(method, "dynamic_keep", None)
             if dynamic is not None:
                 adaptive = dynamic(attn[b], lay)
                 if adaptive is not None:
-                    k = min(int(adaptive), lay.visual.numel())
+                    k = min(int(adaptive), V)
             local = select_top(score, k, lay.frame if fca else None, frame_weights[b] if fca else None)
             keep_vis = lay.visual[local]
             drop = torch.ones(lay.visual.numel(), dtype=torch.bool, device=h.device)

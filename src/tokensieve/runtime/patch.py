@@ -243,7 +243,7 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
 def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
     B, Lp = trimmed.attention_mask.shape
     out = t.new_full((B, Lp), fill)
-    for b, keep in enumerate(trimmed.keep):
+    for b, keep in enumerate(trimmed.stats.emitted):
         n = keep.numel()
         sl = slice(Lp - n, Lp) if trimmed.padding_side == "left" else slice(0, n)
         out[b, sl] = t[b, keep]
@@ -376,6 +376,8 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
         keep = trimmed.keep[b]
         n = keep.numel()
         off = Lp - n if trimmed.padding_side == "left" else 0
+        slot = torch.full((prepared.input_ids.shape[1],), -1, dtype=torch.long, device=keep.device)
+        slot[trimmed.stats.emitted[b]] = torch.arange(n, device=keep.device)  # where each kept position sits
         vis, frames, w = [], [], []
         frame_base = 0
         total = sum(seg.num_frames * seg.tokens_per_frame for seg in prepared.segments[b])
@@ -383,7 +385,7 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
             T, M = seg.num_frames, seg.tokens_per_frame
             kept = torch.isin(seg.positions, keep)
             local = kept.nonzero(as_tuple=True)[0]
-            vis.append(torch.searchsorted(keep, seg.positions[local]) + off)
+            vis.append(slot[seg.positions[local]] + off)
             frames.append(local // M + frame_base)
             if fca:
                 x = prepared.inputs_embeds[b, seg.positions].reshape(T, M, -1)

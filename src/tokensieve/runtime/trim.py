@@ -55,7 +55,9 @@ class TrimStats:
     """Statistics of the last compressed forward (``tokensieve.stats(model)``).
 
     ``segments[b]`` lists sample ``b``'s segments; ``keep[b]`` holds the original sequence
-    positions that sample ``b`` kept (ascending, padding excluded).
+    positions that sample ``b`` kept (ascending, padding excluded); ``emitted[b]`` the same
+    positions in the order the language model receives them (equal to ``keep[b]`` unless a
+    method reorders its kept tokens, e.g. DyCoke's ``ttm_keep_order="similarity"``).
     """
 
     method: str
@@ -66,6 +68,8 @@ class TrimStats:
     seq_after: list[int]
     keep: list[torch.Tensor] = field(repr=False)
     total_ms: float = 0.0
+    #: per sample, the kept positions in the order the language model receives them
+    emitted: list[torch.Tensor] = field(default_factory=list, repr=False)
     #: per sample, ``(positions [k], features [k, D])`` written over kept tokens by merging methods
     replaced: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list, repr=False)
     #: per sample, the sequence positions read as the question (methods that use text)
@@ -181,6 +185,11 @@ def _check_selection(sel: Selection, n: int, T: int, name: str) -> None:
         raise RuntimeError(f"method {name!r} returned frame counts inconsistent with its keep indices")
     if sel.features is not None and tuple(sel.features.shape[:1]) != (keep.numel(),):
         raise RuntimeError(f"method {name!r} returned {sel.features.shape[0]} features for {keep.numel()} tokens")
+    if sel.order is not None and (
+        sel.order.dim() != 1 or sel.order.dtype != torch.int64
+        or not torch.equal(torch.sort(sel.order).values, torch.arange(keep.numel(), device=sel.order.device))
+    ):
+        raise RuntimeError(f"method {name!r} returned an order that is not a permutation of its {keep.numel()} kept tokens")
 
 
 def select_segment(
@@ -232,11 +241,14 @@ def trim(
     seg_stats: list[list[SegmentStats]] = []
     seq_before: list[int] = []
     replaced_all: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    emitted: list[torch.Tensor] = []  # per sample: kept positions in the order the LLM receives them
+    reordered = False
     for b in range(B):
         valid = mask[b].bool()
         keep_mask = valid.clone()
         row = embeds[b]
         replaced: list[tuple[torch.Tensor, torch.Tensor]] = []
+        orders: list[tuple[torch.Tensor, torch.Tensor]] = []
         stats_b: list[SegmentStats] = []
         text = row[questions[b]].detach() if questions is not None else None
         for seg in prepared.segments[b]:
@@ -249,6 +261,8 @@ def trim(
             keep_mask[kept_pos] = True
             if sel.features is not None:
                 replaced.append((kept_pos, sel.features))
+            if sel.order is not None and not torch.equal(sel.order.cpu(), torch.arange(sel.order.numel())):
+                orders.append((kept_pos, sel.order.to(kept_pos.device)))
             stats_b.append(
                 SegmentStats(
                     sample=b,
@@ -268,7 +282,15 @@ def trim(
             for kept_pos, feats in replaced:
                 row[kept_pos] = feats.to(row.dtype)
         replaced_all.append(replaced)
-        keeps.append(keep_mask.nonzero(as_tuple=True)[0])
+        keep = keep_mask.nonzero(as_tuple=True)[0]
+        keeps.append(keep)
+        order_b = keep
+        if orders:  # a segment's kept tokens take its slots in the method's order
+            reordered = True
+            order_b = keep.clone()
+            for kept_pos, perm in orders:
+                order_b[torch.searchsorted(keep, kept_pos)] = kept_pos[perm]
+        emitted.append(order_b)
         rows.append(row)
         seg_stats.append(stats_b)
         seq_before.append(int(valid.sum()))
@@ -277,12 +299,13 @@ def trim(
     identity = (
         lengths == seq_before
         and not any(replaced_all)
+        and not reordered
         and (positions == "preserve" or not mrope)
     )
 
     def make_stats(new_mask: torch.Tensor, new_pos: torch.Tensor) -> TrimStats:
         return TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
-                         seq_before=seq_before, seq_after=lengths, keep=keeps,
+                         seq_before=seq_before, seq_after=lengths, keep=keeps, emitted=emitted,
                          total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
                          question=questions, encoder_signal=prepared.encoder_signal,
                          attention_mask=new_mask, position_ids=new_pos)
@@ -297,7 +320,7 @@ def trim(
     new_pos = pos.new_zeros((3, B, Lp) if mrope else (B, Lp))
     new_ids = prepared.input_ids.new_full((B, Lp), pad_id)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=pos.device)
-    for b, (n, keep) in enumerate(zip(lengths, keeps)):
+    for b, (n, keep) in enumerate(zip(lengths, emitted)):
         sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
         new_embeds[b, sl] = rows[b][keep]
         new_mask[b, sl] = 1
