@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -132,10 +133,18 @@ def is_compressed(model: torch.nn.Module) -> bool:
 
 def stats(model: torch.nn.Module) -> TrimStats:
     """Statistics of the last compressed forward of ``model``: per sample and segment, tokens
-    before/after, per-frame kept counts and scoring time in ms."""
+    before/after, per-frame kept counts and scoring time in ms.
+
+    "Last" means this thread's last compressed call when this thread has made one (so request
+    threads sharing one model each see their own), else the model's last call from any thread.
+    If that call failed, this raises instead of describing an older call."""
     state = get_state(model)
     if state is None:
         raise InputError("model is not compressed by tokensieve; call tokensieve.compress(model, ...) first")
-    if state.last is None:
+    mine = state.by_thread.get(threading.get_ident())
+    last = mine if mine is not None else (state.last if state.last is not None else state.last_error)
+    if isinstance(last, str):
+        raise InputError(f"the last compressed call on this model failed ({last}); it left no statistics")
+    if last is None:
         raise InputError("no compressed forward has run yet on this model (no visual inputs seen)")
-    return state.last
+    return last

@@ -1,7 +1,7 @@
 """In-LLM pruning: run the decoder layer by layer, shrink the sequence between layers.
 
 While an in-LLM method is installed, the language model's ``forward`` is replaced by
-:func:`make_lm_forward`. It does what the model's own forward does — mask per layer with
+:class:`LMForward`. It does what the model's own forward does — mask per layer with
 transformers' ``create_causal_mask``, rotary embeddings from the model's ``rotary_emb``, the
 unmodified decoder layers — and in addition, at each prune point:
 
@@ -211,12 +211,17 @@ def _padding_left(mask: torch.Tensor) -> bool:
 # --- the language-model forward ---------------------------------------------------------------
 
 
-def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, original: Any) -> Any:
-    """A replacement for ``lm.forward`` that runs the in-LLM method of ``state``."""
+class LMForward:
+    """The replacement for ``lm.forward`` that runs the in-LLM method of ``state``. A callable
+    object rather than a closure, so a deep copy of the model carries a wrapper of the copy."""
 
-    @functools.wraps(original)
-    def forward(input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                inputs_embeds: Any = None, use_cache: Any = None, **kwargs: Any) -> Any:
+    def __init__(self, model: torch.nn.Module, lm: torch.nn.Module, state: Any, original: Any) -> None:
+        self.model, self.lm, self.state, self.original = model, lm, state, original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                 inputs_embeds: Any = None, use_cache: Any = None, **kwargs: Any) -> Any:
+        model, lm, state, original = self.model, self.lm, self.state, self.original
         from transformers import DynamicCache
 
         calls: compat.LMCalls = state.lm_calls
@@ -257,7 +262,6 @@ def make_lm_forward(model: torch.nn.Module, lm: torch.nn.Module, state: Any, ori
         h = lm.norm(h)
         return compat.model_output(h, kv_cache if use_cache else None)
 
-    return forward
 
 
 def _expand(pending: Pending, B: int) -> Pending:

@@ -15,8 +15,10 @@ transformers passes arguments between ``generate`` and ``forward``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from ..methods.inllm import SampleLayout, uses_fca
 from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
 from . import compat
-from .inllm import Pending, make_lm_forward
+from .inllm import LMForward, Pending
 from .trim import Trimmed, TrimStats, trim
 
 STATE_ATTR = "_tokensieve_state"
@@ -62,6 +64,34 @@ class TrimState:
     lm_config: Any = None
     #: how the in-LLM loop calls this transformers release's layers (:mod:`.compat`)
     lm_calls: Any = None
+    #: one compressed call at a time: per-call bookkeeping (pending, session, rows) lives here,
+    #: so concurrent calls from several threads are serialised, never interleaved
+    lock: Any = field(default_factory=threading.RLock, repr=False)
+    #: why the last compressed call failed (``stats`` says so instead of describing an older call)
+    last_error: str | None = None
+    #: per thread (``threading.get_ident()``): the statistics of that thread's last compressed
+    #: call, or the one-line reason it failed
+    by_thread: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TrimState":
+        """A deep copy of a compressed model is compressed the same way and independent: its
+        wrappers and this state are copied with it; per-call bookkeeping starts empty."""
+        out = object.__new__(type(self))
+        memo[id(self)] = out
+        skip = {"lock", "pending", "session", "rows_used", "last", "inllm_record", "last_error", "by_thread"}
+        for name, value in vars(self).items():
+            if name not in skip:
+                setattr(out, name, copy.deepcopy(value, memo))
+        out.lock = threading.RLock()
+        out.by_thread = {}
+        out.pending = out.session = out.rows_used = out.last = out.inllm_record = out.last_error = None
+        return out
+
+    def __reduce__(self) -> Any:
+        raise InputError(
+            f"a model compressed with {self.spec.name!r} cannot be pickled (its forward and generate are "
+            "wrapped); call tokensieve.restore(model) first, pickle or save it, and compress again after loading"
+        )
 
     @property
     def uses_lm_loop(self) -> bool:
@@ -173,6 +203,8 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
     trimmed.stats.lm_shape = lm_shape(model)
     state.last = trimmed.stats
+    state.last_error = None
+    state.by_thread[threading.get_ident()] = trimmed.stats
     state.calls += 1
     if state.uses_lm_loop:
         state.pending = pending_layouts(prepared, trimmed, state)
@@ -202,9 +234,37 @@ def _cache_length(past: Any) -> int:
     return 0
 
 
-def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+class _Wrapper:
+    """A call wrapper installed on one model instance. Not a closure: ``copy.deepcopy`` of the
+    model copies it with the model, so the copy's wrapper calls the copy (bound methods are
+    rebound through the copy's memo)."""
+
+    def __init__(self, model: torch.nn.Module, state: TrimState, original: Any) -> None:
+        self.model = model
+        self.state = state
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state = self.state
+        with state.lock:
+            try:
+                return self.call(*args, **kwargs)
+            except BaseException as exc:
+                # statistics describe a call that finished, never a failed one
+                reason = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0]
+                state.last = None
+                state.last_error = reason
+                state.by_thread[threading.get_ident()] = reason
+                raise
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+class _Forward(_Wrapper):
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        model, state, original = self.model, self.state, self.original
         kw = _bind(original, args, kwargs)
         if not state.adapter.has_visual(kw):
             kw.pop(QUESTION_KEY, None)
@@ -217,6 +277,7 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
         if state.uses_lm_loop and kw.get("labels") is not None:
             raise InputError(f"labels are not supported with the in-LLM method {state.spec.name!r} "
                              "(the sequence shrinks inside the model)")
+        _check_outputs(state, kw, getattr(model, "config", None))
         try:
             prepared, trimmed = _run_trim(model, state, kw)
         except BaseException:
@@ -237,7 +298,20 @@ def _make_forward(model: torch.nn.Module, state: TrimState, original: Any) -> An
         finally:
             state.pending = None
 
-    return forward
+
+def _check_outputs(state: TrimState, kw: dict[str, Any], config: Any) -> None:
+    """In-LLM methods run their own layer loop, which returns no per-layer outputs: refuse to
+    return ``None`` where the caller asked for them."""
+    if not state.uses_lm_loop:
+        return
+    gen = kw.get("generation_config")
+    for name in ("output_hidden_states", "output_attentions"):
+        asked = kw.get(name)
+        if asked is None and gen is not None:
+            asked = getattr(gen, name, None)
+        if asked:
+            raise InputError(f"{name}=True is not supported with the in-LLM method {state.spec.name!r} "
+                             "(its layer loop shrinks the sequence between layers)")
 
 
 def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
@@ -258,6 +332,12 @@ def _resolve_lengths(model: torch.nn.Module, kw: dict[str, Any], prompt_len: int
     transformers' own default (a fixed number of new tokens) applies unchanged.
     """
     config = kw.get("generation_config") or getattr(model, "generation_config", None)
+    asked = kw.get("max_length")
+    if asked is not None and kw.get("max_new_tokens") is None and int(asked) <= prompt_len:
+        raise InputError(
+            f"max_length={asked} leaves no room for new tokens after the {prompt_len}-token prompt "
+            "(max_length counts the prompt); raise max_length or pass max_new_tokens"
+        )
     if kw.get("max_new_tokens") is None and getattr(config, "max_new_tokens", None) is None:
         max_length = kw.pop("max_length", None)
         if max_length is None:
@@ -293,9 +373,9 @@ def _check_generate_kwargs(model: torch.nn.Module, state: TrimState, kw: dict[st
             raise InputError("dycoke's decode-time stage (dp=True) does not support beam search (num_beams > 1)")
 
 
-def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> Any:
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
+class _Generate(_Wrapper):
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        model, state, original = self.model, self.state, self.original
         kw = _bind(original, args, kwargs)
         if "inputs" in kw:
             inputs = kw.pop("inputs")
@@ -308,6 +388,7 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
             raise InputError("tokensieve cannot continue generation from a cache when new pixel inputs are given")
         input_ids = state.adapter.require_ids(kw)
         _check_generate_kwargs(model, state, kw)
+        _check_outputs(state, kw, getattr(model, "config", None))
         try:
             prepared, trimmed = _run_trim(model, state, kw)
             gen_kw = {k: v for k, v in kw.items()
@@ -328,8 +409,6 @@ def _make_generate(model: torch.nn.Module, state: TrimState, original: Any) -> A
             state.pending = None
             state.session = None  # the generation is over: do not keep its KV cache alive
         return _prepend_prompt(out, input_ids, pruned_len)
-
-    return generate
 
 
 def _prepend_prompt(out: Any, input_ids: torch.Tensor, pruned_len: int) -> Any:
@@ -422,12 +501,12 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
         state.saved[name] = model.__dict__.get(name, _MISSING)
     originals = {"forward": model.forward, "generate": model.generate}
     setattr(model, STATE_ATTR, state)
-    model.forward = _make_forward(model, state, originals["forward"])  # type: ignore[method-assign]
-    model.generate = _make_generate(model, state, originals["generate"])  # type: ignore[method-assign]
+    model.forward = _Forward(model, state, originals["forward"])  # type: ignore[method-assign]
+    model.generate = _Generate(model, state, originals["generate"])  # type: ignore[method-assign]
     if state.uses_lm_loop:
         lm = language_model(model)
         state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
-        lm.forward = make_lm_forward(model, lm, state, lm.forward)  # type: ignore[method-assign]
+        lm.forward = LMForward(model, lm, state, lm.forward)  # type: ignore[method-assign]
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -452,8 +531,20 @@ def uninstall(model: torch.nn.Module) -> None:
 
 
 class _Missing:
+    """Marks "the instance had no attribute of its own" in :attr:`TrimState.saved` (one object,
+    also through copies)."""
+
     def __repr__(self) -> str:
         return "<missing>"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
+        return self
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
 
 
 _MISSING = _Missing()

@@ -94,8 +94,14 @@ class TrimStats:
         """Visual content tokens kept, summed over the batch (for in-LLM methods: those that
         reach the last decoder layer)."""
         if self.inllm is not None and self.inllm.v_out and self.inllm.v_out[0]:
-            return sum(v[-1] for v in self.inllm.v_out)
+            return sum(self.inllm.v_out[self._inllm_row(b)][-1] for b in range(len(self.segments)))
         return sum(s.tokens_after for row in self.segments for s in row)
+
+    def _inllm_row(self, b: int) -> int:
+        """The language-model row of sample ``b``: ``generate`` repeats each sample for beam
+        search or several returned sequences (rows ``b·r … b·r + r − 1``, identical in the prefill)."""
+        rows = len(self.inllm.v_out) if self.inllm is not None else len(self.segments)
+        return b * max(1, rows // max(1, len(self.segments)))
 
     @property
     def score_ms(self) -> float:
@@ -120,7 +126,7 @@ class TrimStats:
         recycled ones included) and E_in (mean entering each layer) of sample ``b``."""
         if self.inllm is None:
             return None
-        e_out, e_in = self.inllm.equivalent(b)
+        e_out, e_in = self.inllm.equivalent(self._inllm_row(b))
         return {"E_out": e_out, "E_in": e_in}
 
     def prefill_flops(self, b: int) -> dict[str, float] | None:
@@ -129,7 +135,7 @@ class TrimStats:
         if self.lm_shape is None:
             return None
         d, m, dkv, layers = self.lm_shape
-        per_layer = self.inllm.seq_in[b] if self.inllm is not None else [self.seq_after[b]] * layers
+        per_layer = self.inllm.seq_in[self._inllm_row(b)] if self.inllm is not None else [self.seq_after[b]] * layers
 
         def f(n: int) -> float:
             return n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m
@@ -143,8 +149,8 @@ class TrimStats:
             "segments": [s.as_dict() for s in self.segments[b]],
         }
         if self.inllm is not None:
-            out["visual_per_layer_in"] = self.inllm.v_in[b]
-            out["visual_per_layer_out"] = self.inllm.v_out[b]
+            out["visual_per_layer_in"] = self.inllm.v_in[self._inllm_row(b)]
+            out["visual_per_layer_out"] = self.inllm.v_out[self._inllm_row(b)]
             out["equivalent_tokens"] = self.equivalent_tokens(b)
         flops = self.prefill_flops(b)
         if flops is not None:
