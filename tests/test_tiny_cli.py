@@ -336,3 +336,56 @@ def test_run_takes_positions_as_an_option_for_every_method(method_args: list[str
     code = main([*base, "-o", "positions=original"])
     err = capsys.readouterr().err
     assert code == 2 and "-o positions must be one of preserve, compact" in err
+
+
+@pytest.mark.parametrize(
+    ("method_args", "pattern"),
+    [
+        (["--method", "vidcom2", "-o", "tau=1e-300"], "vidcom2 option tau must be"),
+        (["--method", "random", "-o", "seed=100000000000000000000000"], "random option seed must be"),
+        (["--method", "pdrop", "-o", "layers=abc"], "pdrop option layers must be a list of integers"),
+        (["--method", "dycoke", "-o", "dp=true", "-o", "dp_threshold=abc"], "dycoke option dp_threshold"),
+    ],
+)
+def test_bad_option_values_are_one_line_errors(method_args: list[str], pattern: str, tmp_path: Path,
+                                               videos: Videos, capsys: Capsys) -> None:
+    code = main(["run", "--model", str(tmp_path / "never-loaded"), "--video", str(videos[sorted(videos)[-1]]),
+                 "--question", "q", *method_args])
+    err = capsys.readouterr().err
+    assert code == 2 and pattern in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--out", "/proc/forbidden"],
+        ["make-tiny", "/proc/forbidden"],
+        ["bench", "speed", "--arch", "llava-ov-0.5b", "--out", "/proc/forbidden"],
+        ["bench", "quality", "--out", "/proc/forbidden"],
+    ],
+)
+def test_unwritable_output_directories_fail_before_any_work(argv: list[str], capsys: Capsys) -> None:
+    import time
+
+    start = time.perf_counter()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be written to" in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - start < 5.0  # refused up front, not after the work
+
+
+def test_bench_speed_refuses_a_negative_thread_count(capsys: Capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "speed", "--arch", "llava-ov-0.5b", "--threads", "-5"])
+    assert exc.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_run_timings_share_one_clock_and_counts_agree(tiny_models: Models, videos: Videos, capsys: Capsys) -> None:
+    video = videos[sorted(videos)[-1]]
+    base = ["run", "--model", str(tiny_models["llava-onevision"]), "--video", str(video), "--question", "what is shown",
+            "--frames", "4", "--max-new-tokens", "3", "--json"]
+    plain = _run_json(capsys, [*base, "--method", "none"])
+    full = _run_json(capsys, [*base, "--method", "uniform", "--retain", "1.0"])
+    assert plain["tokens_before"] == plain["tokens_after"] == full["tokens_before"] == full["tokens_after"]
+    for data in (plain, full):
+        assert 0 < data["prefill_ms"] <= data["total_ms"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -25,3 +26,23 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
+
+
+def writable_dir(path: str | Path, option: str) -> Path:
+    """Make ``path`` a directory that can be written to, before any long work starts, or raise
+    :class:`~tokensieve.errors.InputError` naming ``option`` and why (so finished work is never
+    lost for want of a place to put it)."""
+    import tempfile
+
+    from .errors import InputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} exists and is not a directory: {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".tokensieve-write-check-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{option} {out} cannot be written to ({exc.strerror or exc})") from None
+    return out

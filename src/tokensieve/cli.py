@@ -297,9 +297,9 @@ def _quiet_progress() -> Iterator[None]:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from tokensieve.tiny import make_tiny
 
-    target = Path(args.path)
-    if target.exists() and not target.is_dir():
-        raise InputError(f"output path exists and is not a directory: {target}")
+    from tokensieve._argtypes import writable_dir
+
+    target = writable_dir(args.path, "output path")
     with _quiet_progress():
         make_tiny(args.arch, target, seed=args.seed)
     print(f"wrote tiny {args.arch} model and processor to {target}")
@@ -347,15 +347,6 @@ def _load(name: str, dtype: str, attn: str) -> tuple[Any, Any]:
     return model, processor
 
 
-def _visual_token_count(model: Any, input_ids: Any) -> int:
-    """Number of image/video placeholder tokens in ``input_ids``."""
-    config = model.config
-    keys = ("image_token_id", "video_token_id", "image_token_index", "video_token_index")
-    ids = {getattr(config, key, None) for key in keys}
-    ids.discard(None)
-    return int(sum(int((input_ids == i).sum()) for i in ids))
-
-
 def _build_inputs(processor: Any, question: str, video: Any | None, image: Any | None) -> Any:
     """Chat prompt + processor call for one video (a ``VideoClip``) or one image."""
     if getattr(processor, "chat_template", None) is None:
@@ -372,14 +363,37 @@ def _build_inputs(processor: Any, question: str, video: Any | None, image: Any |
     return processor(text=[prompt], images=[image], return_tensors="pt")
 
 
-def _generate(model: Any, inputs: Any, max_new_tokens: int) -> tuple[Any, float]:
-    """Greedy ``generate``; returns the output ids and the wall time in ms."""
+def _generate(model: Any, inputs: Any, max_new_tokens: int) -> tuple[Any, float, float]:
+    """Greedy ``generate``; returns the output ids, the time to the first token (the prefill)
+    and the total time in ms, both from one call on one clock."""
     import torch
+    from transformers import LogitsProcessorList
+
+    first: list[float] = []
+
+    def mark(input_ids: Any, scores: Any) -> Any:  # called once per step, after its forward
+        if not first:
+            first.append(time.perf_counter())
+        return scores
 
     start = time.perf_counter()
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return output, (time.perf_counter() - start) * 1000.0
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                logits_processor=LogitsProcessorList([mark]))
+    end = time.perf_counter()
+    return output, ((first[0] if first else end) - start) * 1000.0, (end - start) * 1000.0
+
+
+def _content_tokens(model: Any, inputs: Any) -> int:
+    """Visual content tokens of the (uncompressed) input: placeholders minus structural tokens
+    (LLaVA's newlines), counted as the compressed path counts them."""
+    import torch
+
+    from tokensieve.models import get_adapter
+
+    with torch.inference_mode():
+        prepared = get_adapter(model).prepare(model, dict(inputs))
+    return sum(seg.num_frames * seg.tokens_per_frame for row in prepared.segments for seg in row)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -409,7 +423,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(model.dtype)
     prompt_len = int(inputs["input_ids"].shape[1])
-    visual_tokens = _visual_token_count(model, inputs["input_ids"])
+    visual_tokens = _content_tokens(model, inputs) if args.method == "none" else None
 
     handle = None
     if args.method != "none":
@@ -418,8 +432,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if mask is not None:
             inputs["question_mask"] = mask
     try:
-        _, prefill_ms = _generate(model, inputs, 1)
-        output, total_ms = _generate(model, inputs, args.max_new_tokens)
+        _generate(model, inputs, 1)  # warm-up: the first call pays one-time costs
+        output, prefill_ms, total_ms = _generate(model, inputs, args.max_new_tokens)
         stats = tokensieve.stats(model) if handle is not None else None
     finally:
         if handle is not None:

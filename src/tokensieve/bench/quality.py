@@ -266,6 +266,7 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokensieve._argtypes import writable_dir
     from tqdm.auto import tqdm
 
     from tokensieve.zoo import synthvid
@@ -273,9 +274,7 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     retains = parse_retains(args.retain)
     check_counts(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out exists and is not a directory: {out}")
+    out = writable_dir(args.out, "--out")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

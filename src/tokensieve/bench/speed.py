@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._argtypes import positive_int, writable_dir
 from ..errors import InputError
 from .arches import ARCHES, get_arch
 
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: all)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads in each worker (default: all)")
     parser.add_argument("--vision-layers", type=int, default=None,
                         help="truncate the built-in vision tower to N layers (default: the published depth)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per worker (default 1 on cuda, 0 on cpu)")
@@ -431,6 +432,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
     _validate(args)
+    if args.out:
+        writable_dir(args.out, "--out")  # before the runs: never lose them for want of a place
     configs = _configs(args)
     runs: list[list[dict[str, Any]]] = [[] for _ in configs]
     total = len(configs) * args.repeats
@@ -473,6 +476,11 @@ def run(args: argparse.Namespace) -> int:
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"{stem}.md").write_text(table)
         plot(result, out / f"{stem}.png")
+    failed = [r for r in result["rows"] if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} of {len(result['rows'])} configurations failed "
+              f"(first: {failed[0]['method']}: {failed[0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 

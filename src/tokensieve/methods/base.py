@@ -230,7 +230,8 @@ def options_of(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        out[f.name] = f"{f.metadata.get('help', '')} (default {default!r})".strip()
+        bounds = f"range {f.metadata['range']}; " if "range" in f.metadata else ""
+        out[f.name] = f"{f.metadata.get('help', '')} ({bounds}default {default!r})".strip()
     return out
 
 

@@ -244,6 +244,7 @@ def _parse_methods(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokensieve._argtypes import writable_dir
     from transformers.utils import logging as hf_logging
 
     from tokensieve.bench.quality import check_counts, load_for_bench, parse_retains
@@ -252,9 +253,7 @@ def run(args: argparse.Namespace) -> int:
     methods = _parse_methods(args.methods)
     retains = parse_retains(args.retain)
     check_counts(args)
-    out = None if args.no_report else Path(args.out)
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"--out exists and is not a directory: {out}")
+    out = None if args.no_report else writable_dir(args.out, "--out")
     hf_logging.disable_progress_bar()
     model, processor = load_for_bench(args.model)
     result = run_demo(
