@@ -1,0 +1,221 @@
+"""Mutation check: does the test suite notice a planted bug?
+
+Each mutant below changes one thing in a temporary copy of the source (a bug that really
+changes kept tokens, counts, positions or logits), then runs the tests that should notice it.
+A mutant the tests do not fail is a *survivor*: a hole in the suite.
+
+    python scripts/mutants.py              # every mutant, its named tests (a few minutes)
+    python scripts/mutants.py -k fastv     # mutants whose name contains "fastv"
+    python scripts/mutants.py --full       # every mutant against the whole suite (slow)
+    python scripts/mutants.py --list
+
+Exit status: 0 when every mutant was killed, 1 when some survived, 2 when a mutant no longer
+applies (its source line changed: update the mutant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str
+    file: str  # under src/tokensieve
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files under tests/
+
+
+MUTANTS = (
+    Mutant(
+        "fastv-least-attended", "FastV keeps the least-attended visual tokens", "methods/inllm.py",
+        '''        return head_mean_rows(attn, layout.visual)
+
+
+@dataclass
+class PDrop:''',
+        '''        return -head_mean_rows(attn, layout.visual)
+
+
+@dataclass
+class PDrop:''',
+        ("tests/test_inllm.py::test_inllm_selections_are_the_methods_own_choice",),
+    ),
+    Mutant(
+        "fastv-wrong-query", "FastV ranks from the token before the last prompt token", "methods/inllm.py",
+        '''            return layout.text
+        return torch.tensor([layout.last], dtype=torch.long''',
+        '''            return layout.text
+        return torch.tensor([layout.last - 1], dtype=torch.long''',
+        ("tests/test_inllm.py::test_inllm_selections_are_the_methods_own_choice",),
+    ),
+    Mutant(
+        "dycoke-decode-inverted", "DyCoke's decode stage re-selects on stable steps instead of changed ones",
+        "methods/inllm.py",
+        "        if sim < self.threshold:\n",
+        "        if sim >= self.threshold:\n",
+        ("tests/test_inllm.py::test_dycoke_decode_choices_are_the_methods_own",),
+    ),
+    Mutant(
+        "sparsevlm-ignores-raters", "SparseVLM ranks with every text token instead of its raters",
+        "methods/sparsevlm.py",
+        "        return text[raters[raters < text.numel()]]\n",
+        "        return text\n",
+        ("tests/test_inllm.py::test_inllm_selections_are_the_methods_own_choice",),
+    ),
+    Mutant(
+        "inllm-keep-rounds-down", "in-LLM keep counts round down (77.5 -> 77, 76.6 -> 76)", "methods/inllm.py",
+        "    k = int(math.floor(value + 0.5))\n",
+        "    k = int(math.floor(value))\n",
+        ("tests/test_inllm.py::test_inllm_keep_counts_are_the_published_formulas",),
+    ),
+    Mutant(
+        "llava-preserve-shift", "LLaVA positions start at 1 instead of 0", "models/llava_onevision.py",
+        "            position_ids=mask_positions(attention_mask),\n",
+        "            position_ids=mask_positions(attention_mask) + 1,\n",
+        ("tests/test_runtime.py::test_position_modes_match_reference",),
+    ),
+    Mutant(
+        "fca-frames-swapped", "the shared FCA budget swaps frames 0 and 1", "methods/budget.py",
+        "    k = apportion(quotas, K, upper, priority=sc.p)\n    return k, weights\n",
+        "    k = apportion(quotas, K, upper, priority=sc.p)\n    k[[0, 1]] = k[[1, 0]]\n    return k, weights\n",
+        ("tests/test_methods.py",),
+    ),
+    Mutant(
+        "labels-wrong-rows", "labels are gathered from the next sample's row", "runtime/patch.py",
+        "        out[b, sl] = t[b, keep]\n",
+        "        out[b, sl] = t[(b + 1) % t.shape[0], keep]\n",
+        ("tests/test_runtime.py::test_labels_are_gathered_with_the_tokens",),
+    ),
+    Mutant(
+        "pre-llm-drops-first-prompt-token", "pre-LLM pruning drops each sample's first prompt token",
+        "runtime/trim.py",
+        "        keep = keep_mask.nonzero(as_tuple=True)[0]\n",
+        "        keep_mask[valid.nonzero(as_tuple=True)[0][0]] = False\n        keep = keep_mask.nonzero(as_tuple=True)[0]\n",
+        ("tests/test_runtime.py::test_pruned_matches_reference",),
+    ),
+    Mutant(
+        "emission-order-ignored", "a method's emission order (DyCoke ttm_keep_order) is ignored", "runtime/trim.py",
+        "                orders.append((kept_pos, sel.order.to(kept_pos.device)))\n",
+        "                pass\n",
+        ("tests/test_runtime.py::test_a_methods_emission_order_reaches_the_language_model",),
+    ),
+    Mutant(
+        "sparsevlm-bound-v", "SparseVLM's scheduled keep is bounded by V instead of V - 1", "methods/sparsevlm.py",
+        "    return V if V <= 1 else min(int(keep), V - 1)\n",
+        "    return V if V <= 1 else min(int(keep), V)\n",
+        ("tests/test_inllm.py::test_sparsevlm_keeps_at_most_v_minus_one_like_the_reference",),
+    ),
+    Mutant(
+        "dycoke-count-float32", "DyCoke's merging ratio read as float32", "methods/dycoke.py",
+        "        q = min(M, max(1, int((1.0 - float(dycoke_k)) * M)))\n",
+        "        q = min(M, max(1, int((1.0 - float(torch.tensor(dycoke_k, dtype=torch.float32))) * M)))\n",
+        ("tests/test_methods_peers.py",),
+    ),
+    Mutant(
+        "cache-not-passed", "the in-LLM layer loop does not hand the layers the KV cache", "runtime/compat.py",
+        "        return {self.cache: cache}\n",
+        "        return {}\n",
+        ("tests/test_inllm.py::test_full_retain_is_token_identical",),
+    ),
+    Mutant(
+        "no-call-lock", "compressed calls on one model are not serialised", "runtime/patch.py",
+        "        with state.lock:\n",
+        "        with contextlib.nullcontext():\n",
+        ("tests/test_hardening.py::test_threads_sharing_one_compressed_model_get_their_own_answers",),
+    ),
+)
+
+
+def _copy_tree(dest: Path) -> None:
+    for part in ("src", "tests", "pyproject.toml", "README.md"):
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / part)
+
+
+def apply(mutant: Mutant, root: Path) -> bool:
+    path = root / "src" / "tokensieve" / mutant.file
+    text = path.read_text()
+    if text.count(mutant.old) != 1:
+        return False
+    new = mutant.new
+    if "contextlib." in new and "import contextlib" not in text:
+        text = "import contextlib\n" + text if not text.startswith('"""') else text.replace(
+            "\nimport ", "\nimport contextlib\nimport ", 1)
+    path.write_text(text.replace(mutant.old, new))
+    return True
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float]:
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = -1
+    return code, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument("--full", action="store_true", help="run the whole suite against every mutant")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant run")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.k in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36s} {m.what}")
+        return 0
+    survivors, stale = [], []
+    with tempfile.TemporaryDirectory(prefix="tokensieve-mutants-") as tmp:
+        base = Path(tmp) / "clean"
+        _copy_tree(base)
+        probe = subprocess.run([sys.executable, "-c", "import tokensieve; print(tokensieve.__file__)"],
+                               env=dict(os.environ, PYTHONPATH=str(base / "src")), capture_output=True, text=True)
+        if not probe.stdout.strip().startswith(str(base)):
+            print(f"error: the copy's tokensieve is not the one imported ({probe.stdout.strip()})", file=sys.stderr)
+            return 2
+        for i, m in enumerate(chosen, 1):
+            work = Path(tmp) / m.name
+            shutil.copytree(base, work)
+            if not apply(m, work):
+                stale.append(m.name)
+                print(f"[{i}/{len(chosen)}] {m.name}: STALE (its source line is gone; update the mutant)", flush=True)
+                continue
+            code, secs = run_tests(work, ("tests",) if args.full else m.tests, args.timeout)
+            verdict = "killed" if code not in (0, 5) else "SURVIVED"
+            if code == 5:
+                verdict = "SURVIVED (no tests ran: check the test ids)"
+            if code not in (0, 5) and code != 1:
+                verdict = f"killed (pytest exit {code})"
+            print(f"[{i}/{len(chosen)}] {m.name}: {verdict} in {secs:.0f}s — {m.what}", flush=True)
+            if verdict.startswith("SURVIVED"):
+                survivors.append(m.name)
+            shutil.rmtree(work, ignore_errors=True)
+    killed = len(chosen) - len(survivors) - len(stale)
+    print(f"{killed} of {len(chosen)} mutants killed" + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+          + (f"; stale: {', '.join(stale)}" if stale else ""))
+    return 2 if stale else (1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
