@@ -82,15 +82,19 @@ class PDrop:''',
         ("tests/test_inllm.py::test_inllm_keep_counts_are_the_published_formulas",),
     ),
     Mutant(
-        "llava-preserve-shift", "LLaVA positions start at 1 instead of 0", "models/llava_onevision.py",
-        "            position_ids=mask_positions(attention_mask),\n",
-        "            position_ids=mask_positions(attention_mask) + 1,\n",
+        "preserve-positions-off-by-one",
+        "1-D preserve positions: the second half of each kept sequence is shifted by one (a uniform shift of "
+        "every id would be an equivalent mutant: RoPE sees only differences)",
+        "runtime/trim.py",
+        "            row_pos = pos[:, b, keep] if mrope else pos[b, keep]\n",
+        "            row_pos = pos[:, b, keep] if mrope else pos[b, keep] + (torch.arange(n) >= n // 2).long()\n",
         ("tests/test_runtime.py::test_position_modes_match_reference",),
     ),
     Mutant(
         "fca-frames-swapped", "the shared FCA budget swaps frames 0 and 1", "methods/budget.py",
         "    k = apportion(quotas, K, upper, priority=sc.p)\n    return k, weights\n",
-        "    k = apportion(quotas, K, upper, priority=sc.p)\n    k[[0, 1]] = k[[1, 0]]\n    return k, weights\n",
+        "    k = apportion(quotas, K, upper, priority=sc.p)\n    if T > 1:\n        k[[0, 1]] = k[[1, 0]]\n"
+        "    return k, weights\n",
         ("tests/test_methods.py",),
     ),
     Mutant(
@@ -161,16 +165,18 @@ def apply(mutant: Mutant, root: Path) -> bool:
     return True
 
 
-def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float]:
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, float, str]:
+    """pytest's exit code, the seconds it took and the first failing test (``-rf`` summary)."""
     env = dict(os.environ, PYTHONPATH=str(root / "src"), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-        code = proc.returncode
+        code, output = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired:
-        code = -1
-    return code, time.perf_counter() - start
+        code, output = -1, ""
+    failed = next((line[len("FAILED "):] for line in output.splitlines() if line.startswith("FAILED ")), "")
+    return code, time.perf_counter() - start, failed[:160]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         if not probe.stdout.strip().startswith(str(base)):
             print(f"error: the copy's tokensieve is not the one imported ({probe.stdout.strip()})", file=sys.stderr)
             return 2
+        named = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        code, secs, _ = run_tests(base, ("tests",) if args.full else named, args.timeout)
+        print(f"[control] the unmutated copy: {'passes' if code == 0 else f'FAILS (pytest exit {code})'} "
+              f"in {secs:.0f}s", flush=True)
+        if code != 0:
+            print("error: the tests fail without any mutant; fix them first", file=sys.stderr)
+            return 2
         for i, m in enumerate(chosen, 1):
             work = Path(tmp) / m.name
             shutil.copytree(base, work)
@@ -201,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                 stale.append(m.name)
                 print(f"[{i}/{len(chosen)}] {m.name}: STALE (its source line is gone; update the mutant)", flush=True)
                 continue
-            code, secs = run_tests(work, ("tests",) if args.full else m.tests, args.timeout)
+            code, secs, failed = run_tests(work, ("tests",) if args.full else m.tests, args.timeout)
             verdict = "killed" if code not in (0, 5) else "SURVIVED"
             if code == 5:
                 verdict = "SURVIVED (no tests ran: check the test ids)"
             if code not in (0, 5) and code != 1:
                 verdict = f"killed (pytest exit {code})"
             print(f"[{i}/{len(chosen)}] {m.name}: {verdict} in {secs:.0f}s — {m.what}", flush=True)
+            if failed:
+                print(f"        by {failed}", flush=True)
             if verdict.startswith("SURVIVED"):
                 survivors.append(m.name)
             shutil.rmtree(work, ignore_errors=True)

@@ -9,6 +9,8 @@ different lengths, per-layer masks, positions and decoding — not just "it runs
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _builders import ARCHS, IMAGE, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
@@ -510,3 +512,123 @@ def test_kernels_that_read_the_module_config_see_the_real_one(models, monkeypatc
     with tokensieve.compress(model, "fastv", retain=0.8, layer=2):
         model.generate(**kw, max_new_tokens=2)
     assert seen and set(seen) == {"vt_checking"}
+
+
+# --- selections decided by the reference itself (not read from the runtime's record) ----------
+
+
+def _first_point_attention(model, kw, layer):
+    """Post-softmax attention ``[B, H, L, L]`` of the unpatched eager model at ``layer``, and the
+    language model's input embeddings, on the full (unpruned) input."""
+    seen = capture_lm_inputs(model, kw)
+    lm = model.model.language_model
+    emb, mask = seen["inputs_embeds"], kw["attention_mask"]
+    pos = seen.get("position_ids")
+    if pos is None:
+        pos = full_positions_1d(mask)
+    with torch.no_grad():
+        out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_attentions=True)
+    return out.attentions[layer], emb
+
+
+def _top(scores, k):
+    """Indices of the k largest scores, ties to the earlier index, ascending."""
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+@pytest.mark.parametrize(("arch", "name"), [("llava-onevision", "fastv"), ("qwen2-vl", "fastv"),
+                                            ("qwen2-vl", "sparsevlm")])
+def test_inllm_selections_are_the_methods_own_choice(models, arch, name):
+    """The first prune point's kept set, chosen here from the paper's definition on the unpatched
+    eager model's attention: FastV — the last prompt token's head-mean attention, top k; SparseVLM —
+    raters r_i > mean(r) with r = mean_v softmax_t(H_v H_tᵀ) on the layer-0 embeddings, then the
+    raters' head-mean attention averaged over raters, top k."""
+    model = models(arch, "eager")
+    kw = make_batch(model, arch, samples_for(arch, 3))
+    opts = {"fastv": {"layer": 2, "equivalent": "keep"}, "sparsevlm": {"pruning_layers": (1, 2)}}[name]
+    layer = 1
+    attn, emb = _first_point_attention(model, kw, layer)
+    with tokensieve.compress(model, name, retain=0.5, **opts):
+        with torch.no_grad():
+            model(**kw)
+        rec = tokensieve.stats(model).inllm
+    visual = visual_positions(arch, kw["input_ids"])
+    L = kw["input_ids"].shape[1]
+    for b in range(len(visual)):
+        vis = visual[b]
+        V = vis.numel()
+        a = attn[b].float().mean(0)  # [L, L], head mean
+        if name == "fastv":
+            k = int(math.floor(0.5 * V + 0.5))
+            scores = a[L - 1, vis]  # left padding: the last prompt token sits at L - 1
+        else:
+            text = torch.arange(int(vis.max()) + 1, L)
+            g = emb[b, vis].float() @ emb[b, text].float().T
+            r = torch.softmax(g, dim=1).mean(0)
+            raters = text[r > r.mean()] if bool((r > r.mean()).any()) else text
+            k = rec.kept[b][0].numel()  # the count is the schedule's (tested on its own)
+            scores = a[raters][:, vis].mean(0)
+        want = vis[_top(scores, k)]
+        assert torch.equal(rec.kept[b][0], want), (b, rec.kept[b][0].tolist(), want.tolist())
+
+
+@pytest.mark.parametrize(("retain", "equivalent"), [(0.85, "input"), (0.3, "keep"), (0.9, "output")])
+def test_inllm_keep_counts_are_the_published_formulas(models, retain, equivalent):
+    """FastV's keep count k from the equivalent-token definitions (round half up), per sample:
+    input  (K·V0 + (L−K)·k)/L = r·V0;  output ((K−1)·V0 + (L−K+1)·k)/L = r·V0;  keep  k = r·V0."""
+    from fractions import Fraction
+
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    K, L = 2, LAYERS
+    with tokensieve.compress(model, "fastv", retain=retain, layer=K, equivalent=equivalent):
+        with torch.no_grad():
+            model(**kw)
+        rec = tokensieve.stats(model).inllm
+    r = Fraction(str(retain))
+    for b, vis in enumerate(visual_positions("llava-onevision", kw["input_ids"])):
+        V0 = vis.numel()
+        exact = {"keep": r * V0, "input": (r * L - K) * V0 / (L - K),
+                 "output": (r * L - (K - 1)) * V0 / (L - K + 1)}[equivalent]
+        assert rec.kept[b][0].numel() == math.floor(exact + Fraction(1, 2)), (b, V0, exact)
+
+
+def test_dycoke_decode_choices_are_the_methods_own(models):
+    """DyCoke stage 2 decided here: at each decode step, the new token's head-mean attention over
+    the visual keys at layer dp_layer − 1 (unpatched eager model, whole sequence, no cache); the
+    cosine with the previous step's (0 on the first); below the threshold keep the top
+    ⌊(1 − prune)·V⌋, else attend to everything."""
+    model = models("llava-onevision", "eager")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    dp_layer, prune, threshold = 2, 0.6, 0.995
+    with tokensieve.compress(model, "dycoke", retain=1.0, dp=True, dp_layer=dp_layer, dp_prune=prune,
+                             dp_threshold=threshold):
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False)
+        hist = tokensieve.stats(model).inllm.dp_history
+    seen = capture_lm_inputs(model, kw)
+    lm = model.model.language_model
+    L = kw["input_ids"].shape[1]
+    new = out[:, L:]
+    visual = visual_positions("llava-onevision", kw["input_ids"])
+    previous = [None] * len(visual)
+    changed = stable = 0
+    for s in range(N_NEW - 1):
+        e = torch.cat([seen["inputs_embeds"], lm.embed_tokens(new[:, : s + 1])], 1)
+        m = torch.cat([kw["attention_mask"], kw["attention_mask"].new_ones(len(visual), s + 1)], 1)
+        with torch.no_grad():
+            attn = lm(inputs_embeds=e, attention_mask=m, position_ids=full_positions_1d(m),
+                      output_attentions=True).attentions[dp_layer - 1]
+        for b, vis in enumerate(visual):
+            a = attn[b, :, -1, vis].float().mean(0)
+            sim = 0.0 if previous[b] is None else float(torch.nn.functional.cosine_similarity(a, previous[b], dim=0))
+            previous[b] = a
+            got = hist[s][b]
+            if sim < threshold:
+                changed += 1
+                want = vis[_top(a, max(1, math.floor((1 - prune) * vis.numel())))]
+                assert got is not None and torch.equal(got, want), (s, b)
+            else:
+                stable += 1
+                assert got is None, (s, b)
+    assert changed and stable  # both branches exercised

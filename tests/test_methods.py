@@ -235,3 +235,20 @@ def test_registry():
         spec.create(bogus=1)
     with pytest.raises(tokensieve.InputError, match="budget"):
         tokensieve.methods.get("random").create(budget="weird")
+
+
+def test_fca_favours_the_unique_frame_whatever_its_index():
+    """FCA gives a frame that differs from the rest of the video more tokens: the distinct frame
+    gets strictly the most, wherever it sits (a budget tied to frame order would not follow it)."""
+    from tokensieve.methods import fca_budget
+
+    g = torch.Generator().manual_seed(11)
+    T, M, D = 5, 12, 16
+    for unique in range(T):
+        x = torch.randn(1, M, D, generator=g).expand(T, M, D).clone() + 0.05 * torch.randn(T, M, D, generator=g)
+        x[unique] = torch.randn(M, D, generator=g) * 3.0
+        k, weights = fca_budget(x, 0.4)
+        assert int(k.sum()) == round(0.4 * T * M)
+        others = [t for t in range(T) if t != unique]
+        assert all(int(k[unique]) > int(k[t]) for t in others), (unique, k.tolist())
+        assert all(float(weights[unique]) > float(weights[t]) for t in others)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _builders import (
     ARCHS,
+    IMAGE,
     VIDEO,
     build,
     capture_lm_inputs,
@@ -119,6 +120,11 @@ def test_pruned_matches_reference(models, arch, attn, batch, method):
                 assert seg.tokens_after == max(seg.grid[0], round(0.25 * seg.tokens_before))
     if name in ("lftr", "dycoke") or options.get("spatial_op") == "merge":
         assert any(st.replaced[b] for b in range(len(st.replaced))), "merging methods replace features"
+    ids = kw["input_ids"]
+    for b in range(ids.shape[0]):  # every non-visual token survives (only content tokens compete)
+        visual = (ids[b] == VIDEO) | (ids[b] == IMAGE)
+        text = (kw["attention_mask"][b].bool() & ~visual).nonzero(as_tuple=True)[0]
+        assert bool(torch.isin(text, st.keep[b]).all()), f"sample {b} lost a text token"
     emb, mask, pos = gather_by_hand(full_embeds, full_pos, kw["attention_mask"], st.keep, positions, mrope)
     emb = apply_replaced(emb, st, st.keep)
     ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
@@ -141,11 +147,17 @@ def test_position_modes_match_reference(models, arch, positions):
     seen = capture_lm_inputs(model, kw)
     full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
     with tokensieve.compress(model, "vidcom2", retain=0.25, positions=positions):
-        out = greedy(model, kw)
+        gen = greedy(model, kw, return_dict_in_generate=True, output_logits=True)
+        out = gen.sequences
         st = tokensieve.stats(model)
     emb, mask, pos = gather_by_hand(seen["inputs_embeds"], full_pos, kw["attention_mask"], st.keep, positions, mrope)
-    ref_tokens, _, _ = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
+    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
     assert torch.equal(out[:, kw["input_ids"].shape[1]:], ref_tokens)
+    for got, want in zip(gen.logits, ref_steps):  # decode positions continue the prefill's exactly
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with tokensieve.compress(model, "vidcom2", retain=0.25, positions=positions), torch.no_grad():
+        logits = model(**kw).logits  # a 1e-3 shift of every position id moves these beyond the tolerance
+    torch.testing.assert_close(logits, ref_prefill, rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -280,7 +292,17 @@ def test_labels_are_gathered_with_the_tokens(models):
     with tokensieve.compress(model, "vidcom2", retain=0.25):
         with torch.no_grad():
             out = model(**kw, labels=labels)
-    assert torch.isfinite(out.loss)
+        st = tokensieve.stats(model)
+    # by hand: each sample's labels at its kept positions, left-padded with -100, shifted by one
+    B, Lp = st.attention_mask.shape
+    want = torch.full((B, Lp), -100, dtype=torch.long)
+    for b in range(B):
+        kept = labels[b, st.keep[b]]
+        want[b, Lp - kept.numel():] = kept
+    logits = out.logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), want[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
 
 
 def test_max_length_counts_the_callers_prompt(models):
