@@ -53,3 +53,12 @@ def test_needs_a_model_and_known_methods(capsys):
     assert "needs --arch" in capsys.readouterr().err
     assert main(["bench", "speed", "--arch", "tiny", "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_failed_configurations_make_the_benchmark_exit_non_zero(capsys):
+    """A configuration that fails (FastV cannot reach retain 0.1 on 4 layers) is reported in its row
+    and the command exits 1, not 0."""
+    code = main(["bench", "speed", "--arch", "tiny", "--frames", "2", "--methods", "fastv", "--retain", "0.1",
+                 "--repeats", "1", "--new-tokens", "2", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 2 configurations failed" in err and "retain=0.1 leaves no visual token" in err
