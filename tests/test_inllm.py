@@ -348,8 +348,21 @@ def test_stats_report_equivalent_tokens_and_flops(models):
     assert d["visual_per_layer_out"] == [V0, k, k, k]
     assert d["equivalent_tokens"]["E_in"] == pytest.approx((2 * V0 + 2 * k) / 4)
     assert d["equivalent_tokens"]["E_out"] == pytest.approx((V0 + 3 * k) / 4)
-    assert abs(d["equivalent_tokens"]["E_in"] - 0.8 * V0) <= 1.0  # retain is E_in by default
-    assert 0 < d["prefill_flops"]["pruned"] < d["prefill_flops"]["unpruned"]
+    # retain is E_in by default: (K·V0 + (L−K)·k)/L = r·V0 with K = 2, L = 4, k rounded half up
+    from fractions import Fraction
+
+    assert k == math.floor((Fraction(8, 10) * 4 - 2) * V0 / 2 + Fraction(1, 2))
+    cfg = model.config.text_config
+    D, Mw = cfg.hidden_size, cfg.intermediate_size
+    dkv = cfg.num_key_value_heads * (cfg.head_dim if getattr(cfg, "head_dim", None) else D // cfg.num_attention_heads)
+    n_full = d["sequence_before"]
+
+    def flops(n):  # per layer: projections, attention, MLP (multiply-accumulates)
+        return n * D * (2 * D + 2 * dkv) + 2 * n * n * D + 3 * n * D * Mw
+
+    seqs = [n_full - (V0 - v) for v in d["visual_per_layer_in"]]
+    assert d["prefill_flops"]["pruned"] == pytest.approx(sum(flops(n) for n in seqs))
+    assert d["prefill_flops"]["unpruned"] == pytest.approx(4 * flops(n_full))
     assert st.tokens_after == sum(v[-1] for v in st.inllm.v_out)
 
 
