@@ -1,0 +1,140 @@
+"""The uplink payload: the device's uncertain samples and their kept tokens, as safetensors + a manifest.
+
+Tensors travel as `safetensors <https://github.com/huggingface/safetensors>`_ bytes (never
+pickle: the receiving side must not execute anything it is sent) next to a small JSON manifest
+(device id, round, sample ids, token slots, the device's answers and confidences, every tensor's
+shape and dtype, and the SHA-256 of the tensor bytes). :func:`decode_uplink` checks all of it
+and raises :class:`UplinkError` on anything that does not match.
+
+Payloads (UTS, ``specs/cdcca.md`` §2.2): ``"dense_zeroed"`` sends ``[B, N, C]`` with the
+masked tokens zeroed (the reference); ``"sparse"`` sends only the kept tokens ``[K, C]`` plus the
+``[B, N]`` slot mask, and the receiver scatters them back into zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+FORMAT = "tokensieve-uplink/1"
+MAX_MANIFEST = 1 << 20
+
+
+class UplinkError(InputError):
+    """An uplink payload or manifest that is malformed or does not match its hash."""
+
+
+@dataclass
+class Uplink:
+    """What a device sends for one round: ``tokens`` ``[B, N, C]`` (masked tokens zeroed) and the
+    ``[B, N]`` bool ``keep`` mask of the uplinked samples, with their metadata."""
+
+    device_id: str
+    round: int
+    sample_ids: list[str]
+    tokens: torch.Tensor
+    keep: torch.Tensor
+    answers: list[str] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_uplink(up: Uplink, payload: str = "sparse") -> tuple[bytes, dict[str, Any]]:
+    """``(safetensors bytes, manifest)`` of ``up``; ``payload`` ``"sparse"`` or ``"dense_zeroed"``."""
+    from safetensors.torch import save
+
+    if payload not in ("sparse", "dense_zeroed"):
+        raise InputError(f"uplink payload must be 'sparse' or 'dense_zeroed', got {payload!r}")
+    if up.tokens.dim() != 3 or tuple(up.keep.shape) != tuple(up.tokens.shape[:2]):
+        raise InputError(f"tokens must be [B, N, C] and keep [B, N], got {tuple(up.tokens.shape)} and {tuple(up.keep.shape)}")
+    B = up.tokens.shape[0]
+    if len(up.sample_ids) != B:
+        raise InputError(f"{len(up.sample_ids)} sample ids for {B} samples")
+    keep = up.keep.bool().cpu()
+    tokens = up.tokens.detach().cpu().contiguous()
+    if payload == "sparse":
+        tensors = {"tokens": tokens[keep].contiguous(), "keep": keep.to(torch.uint8)}
+    else:
+        tensors = {"tokens": (tokens * keep.unsqueeze(-1).to(tokens.dtype)).contiguous(), "keep": keep.to(torch.uint8)}
+    blob = save(tensors)
+    manifest = {
+        "format": FORMAT,
+        "device_id": str(up.device_id),
+        "round": int(up.round),
+        "payload": payload,
+        "sample_ids": [str(s) for s in up.sample_ids],
+        "token_slots": [keep[b].nonzero(as_tuple=True)[0].tolist() for b in range(B)],
+        "shape": list(tokens.shape),
+        "answers": list(up.answers),
+        "confidences": [float(c) for c in up.confidences],
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
+        "extra": up.extra,
+    }
+    return blob, manifest
+
+
+def decode_uplink(blob: bytes, manifest: dict[str, Any] | str | bytes) -> Uplink:
+    """Check ``blob`` against ``manifest`` and rebuild the :class:`Uplink` (dense, zeros where masked)."""
+    from safetensors.torch import load
+
+    if isinstance(manifest, (str, bytes)):
+        if len(manifest) > MAX_MANIFEST:
+            raise UplinkError(f"manifest larger than {MAX_MANIFEST} bytes")
+        try:
+            manifest = json.loads(manifest)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UplinkError(f"manifest is not JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UplinkError(f"manifest is not a {FORMAT} manifest")
+    if not isinstance(blob, (bytes, bytearray)):
+        raise UplinkError("the uplink payload must be bytes")
+    if manifest.get("bytes") != len(blob) or manifest.get("sha256") != hashlib.sha256(blob).hexdigest():
+        raise UplinkError("the uplink payload does not match its manifest's size and SHA-256")
+    try:
+        tensors = load(bytes(blob))
+    except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a clear refusal
+        raise UplinkError(f"the uplink payload is not valid safetensors: {exc}") from None
+    described = manifest.get("tensors")
+    if not isinstance(described, dict) or set(tensors) != set(described) or set(tensors) != {"tokens", "keep"}:
+        raise UplinkError("the uplink payload must hold exactly the tensors 'tokens' and 'keep' its manifest lists")
+    for k, t in tensors.items():
+        d = described[k]
+        if not isinstance(d, dict) or d.get("shape") != list(t.shape) or d.get("dtype") != str(t.dtype).removeprefix("torch."):
+            raise UplinkError(f"tensor {k!r} does not match its manifest entry")
+    try:
+        shape = [int(x) for x in manifest["shape"]]
+        sample_ids = [str(s) for s in manifest["sample_ids"]]
+        B, N, C = shape
+    except (KeyError, TypeError, ValueError):
+        raise UplinkError("manifest needs 'shape' [B, N, C] and 'sample_ids'") from None
+    keep = tensors["keep"]
+    if tuple(keep.shape) != (B, N) or keep.dtype != torch.uint8 or bool((keep > 1).any()) or len(sample_ids) != B:
+        raise UplinkError("the keep mask does not match the manifest's shape and samples")
+    keep = keep.bool()
+    slots = manifest.get("token_slots")
+    if slots != [keep[b].nonzero(as_tuple=True)[0].tolist() for b in range(B)]:
+        raise UplinkError("the manifest's token slots do not match the keep mask")
+    tok = tensors["tokens"]
+    if manifest.get("payload") == "sparse":
+        if tuple(tok.shape) != (int(keep.sum()), C):
+            raise UplinkError("sparse tokens do not match the number of kept slots")
+        dense = tok.new_zeros(B, N, C)
+        dense[keep] = tok
+    elif manifest.get("payload") == "dense_zeroed":
+        if tuple(tok.shape) != (B, N, C):
+            raise UplinkError("dense tokens do not match the manifest's shape")
+        dense = tok
+    else:
+        raise UplinkError(f"unknown payload {manifest.get('payload')!r}")
+    return Uplink(device_id=str(manifest.get("device_id", "")), round=int(manifest.get("round", 0)),
+                  sample_ids=sample_ids, tokens=dense, keep=keep, answers=list(manifest.get("answers", [])),
+                  confidences=[float(c) for c in manifest.get("confidences", [])],
+                  extra=dict(manifest.get("extra") or {}))
