@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: (command, module, help) of top-level commands implemented elsewhere
 _PLUGINS: tuple[tuple[str, str, str], ...] = (
     ("demo", "tokensieve.zoo.demo", "offline demo: the embedded video model, uncompressed and compressed"),
+    ("cloud", "tokensieve.collab.commands:cloud", "cloud side of the cloud-device collaboration: serve, devices, updates"),
+    ("device", "tokensieve.collab.commands:device", "device side: status, upload an uplink payload, pull an update"),
 )
 #: (kind, module, help) of ``tokensieve bench KIND``
 _BENCH_PLUGINS: tuple[tuple[str, str, str], ...] = (
@@ -188,12 +190,15 @@ _BENCH_PLUGINS: tuple[tuple[str, str, str], ...] = (
 def _add_plugin(sub: Any, name: str, module: str, help_text: str) -> None:
     import importlib
 
+    module, _, attr = module.partition(":")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and module.startswith(exc.name):
             return  # not part of this installation
         raise
+    if attr:
+        mod = getattr(mod, attr)
     parser = sub.add_parser(name, help=help_text, description=help_text)
     mod.add_arguments(parser)
     parser.set_defaults(func=mod.run)
