@@ -23,6 +23,7 @@ from typing import Any
 
 from .._argtypes import non_negative_int, positive_int
 from ..errors import InputError
+from .service.options import add_arguments as add_serve_arguments
 
 
 def _token(path: Path) -> str:
@@ -33,9 +34,7 @@ def _token(path: Path) -> str:
 
 
 def _client(args: argparse.Namespace, token_file: Path) -> Any:
-    from .service.client import CloudClient
-
-    return CloudClient(args.url, _token(token_file), timeout=args.timeout)
+    return _service("client").CloudClient(args.url, _token(token_file), timeout=args.timeout)
 
 
 def _print(data: Any) -> None:
@@ -45,19 +44,23 @@ def _print(data: Any) -> None:
 # --- cloud ----------------------------------------------------------------------------------
 
 
+def _service(module: str) -> Any:
+    """``tokensieve.collab.service.<module>``, or a clear error when the collab extra is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__package__}.service.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("fastapi", "starlette", "uvicorn", "httpx"):
+            raise InputError(f"the cloud-device commands need the collab extra ({exc.name} is not installed): "
+                             "pip install 'tokensieve[collab]'") from None
+        raise
+
+
 def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cloud_command", metavar="ACTION", required=True)
     serve = sub.add_parser("serve", help="run the collaboration service (HTTP; HTTPS with --ssl-*)")
-    serve.add_argument("--root", required=True, type=Path, help="state directory (created if missing)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=non_negative_int, default=8470, help="TCP port; 0 picks a free one")
-    serve.add_argument("--port-file", type=Path, help="write the port here once listening")
-    serve.add_argument("--admin-token-file", required=True, type=Path)
-    serve.add_argument("--ssl-certfile", type=Path)
-    serve.add_argument("--ssl-keyfile", type=Path)
-    serve.add_argument("--max-body", type=positive_int, help="largest upload or update in bytes (64 MiB)")
-    serve.add_argument("--max-chunk", type=positive_int, help="largest upload chunk in bytes (8 MiB)")
-    serve.add_argument("--device-quota", type=positive_int, help="default per-device quota in bytes (1 GiB)")
+    add_serve_arguments(serve)
     for name, helptext in (("add-device", "register a device and print its token (shown once)"),
                            ("publish", "publish a weight update (a VTDW file) for a device"),
                            ("uploads", "list the uploads (all devices, or one)")):
@@ -79,13 +82,7 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cloud(args: argparse.Namespace) -> int:
     if args.cloud_command == "serve":
-        from .service.server import serve
-
-        limits = {k: v for k, v in (("max_body", args.max_body), ("max_chunk", args.max_chunk),
-                                     ("device_quota", args.device_quota)) if v is not None}
-        serve(args.root, args.host, args.port, _token(args.admin_token_file), args.ssl_certfile,
-              args.ssl_keyfile, port_file=args.port_file, **limits)
-        return 0
+        return int(_service("server").run(args))
     with _client(args, args.admin_token_file) as admin:
         if args.cloud_command == "add-device":
             dev = admin.create_device(args.name, quota=args.quota)

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import uvicorn
 
-from tokensieve._argtypes import non_negative_int, positive_int
 from tokensieve.errors import InputError
 
 from .app import create_app
+from .options import add_arguments
 
 __all__ = ["main", "read_token_file", "serve"]
 
@@ -146,34 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tokensieve.collab.service.server",
         description="Run the tokensieve cloud-device collaboration service.",
     )
-    parser.add_argument("--root", required=True, type=Path, help="state directory (created if missing)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=non_negative_int, default=8470, help="TCP port; 0 picks a free one")
-    parser.add_argument("--port-file", type=Path, help="write the port here once listening")
-    parser.add_argument("--admin-token-file", required=True, type=Path, help="file holding the admin token")
-    parser.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM)")
-    parser.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
-    parser.add_argument("--max-body", type=positive_int, help="largest upload or update in bytes (64 MiB)")
-    parser.add_argument("--max-chunk", type=positive_int, help="largest upload chunk in bytes (8 MiB)")
-    parser.add_argument("--device-quota", type=positive_int, help="default per-device quota in bytes (1 GiB)")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_arguments(parser)
     return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve with the parsed options of :func:`add_arguments` (raises :class:`InputError`)."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    limits = {k: v for k, v in (("max_body", args.max_body), ("max_chunk", args.max_chunk),
+                                 ("device_quota", args.device_quota)) if v is not None}
+    token = read_token_file(args.admin_token_file)
+    serve(args.root, args.host, args.port, token, args.ssl_certfile, args.ssl_keyfile,
+          port_file=args.port_file, log_level=args.log_level, **limits)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 with one ``error: ...`` line for bad input)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    limits = {k: v for k, v in (("max_body", args.max_body), ("max_chunk", args.max_chunk),
-                                 ("device_quota", args.device_quota)) if v is not None}
     try:
-        token = read_token_file(args.admin_token_file)
-        serve(args.root, args.host, args.port, token, args.ssl_certfile, args.ssl_keyfile,
-              port_file=args.port_file, log_level=args.log_level, **limits)
+        return run(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
