@@ -645,3 +645,43 @@ def test_dycoke_decode_choices_are_the_methods_own(models):
                 stable += 1
                 assert got is None, (s, b)
     assert changed and stable  # both branches exercised
+
+
+# --- published layers on shallower models (depth="scaled") -------------------------------------
+
+
+def test_scaled_layers_rule():
+    from tokensieve.methods.inllm import scaled_layers
+
+    assert scaled_layers((2,), 32, 32, low=1) == (2,)  # the published depth: unchanged
+    assert scaled_layers((2,), 4, 32, low=1) == (1,)  # 2·4/32 = 0.25 → 0, raised to K ≥ 1
+    assert scaled_layers((2, 6, 15), 4, 32, low=0) == (0, 1, 2)  # 0.25, 0.75, 1.875 → 0, 1, 2
+    assert scaled_layers((2, 6, 15), 28, 32, low=0) == (2, 5, 13)  # round half up of 1.75, 5.25, 13.125
+    assert scaled_layers((3,), 4, 28, low=1) == (1,)
+    assert scaled_layers((8, 16, 24), 16, 32, low=1) == (4, 8, 12)
+    with pytest.raises(tokensieve.InputError, match="cannot place 3 layers"):
+        scaled_layers((2, 6, 15), 2, 32, low=0)
+
+
+@pytest.mark.parametrize(("name", "options", "resolved"), [
+    ("fastv", {"depth": "scaled"}, ("layer", 1)),
+    ("sparsevlm", {"depth": "scaled"}, ("pruning_layers", (0, 1, 2))),
+    ("pdrop", {"depth": "scaled", "layers": (8, 16, 24)}, ("layers", (1, 2, 3))),
+    ("dycoke", {"depth": "scaled", "dp": True}, ("dp_layer", 1)),
+])
+def test_depth_scaled_places_published_layers_on_a_shallow_model(models, name, options, resolved):
+    """On the 4-layer test model the published layers do not exist; depth='scaled' puts them at
+    the same fraction of the depth, and the compressed model then runs."""
+    model = models("llava-onevision", "sdpa")
+    kw = make_batch(model, "llava-onevision", samples_for("llava-onevision", 3))
+    if name in ("sparsevlm", "pdrop"):
+        with pytest.raises(tokensieve.InputError, match="past the language model's depth|no room"):
+            tokensieve.compress(model, name, retain=0.6, **{k: v for k, v in options.items() if k != "depth"})
+    handle = tokensieve.compress(model, name, retain=0.6 if name != "dycoke" else 1.0, **options)
+    try:
+        method = handle.state.inllm if handle.state.inllm is not None else handle.state.selector
+        attr, value = resolved
+        assert getattr(method, attr) == value
+        model.generate(**kw, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.restore()

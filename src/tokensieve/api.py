@@ -85,6 +85,9 @@ def compress(
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
     method = spec.create(**options)
     num_layers = lm_shape(model)[3]
+    for_depth = getattr(method, "for_depth", None)  # depth="scaled": published layers placed on this depth
+    if for_depth is not None:
+        method = for_depth(num_layers)
     inllm = method if spec.stage == "in-llm" else None
     selector = method if spec.stage == "pre-llm" else None
     dp = method.decode_stage() if hasattr(method, "decode_stage") else None

@@ -79,8 +79,12 @@ def evaluate_configs(
     batch_size: int = 25,
     on_progress: Callable[[int], None] | None = None,
     positions: str | None = None,
+    depth: str | None = None,
 ) -> list[dict[str, Any]]:
     """Score ``examples`` under every ``(method, retain)`` in ``configs`` (``("none", 1.0)``: uncompressed).
+
+    ``depth``: given to the methods that take it (in-LLM layer placement, ``"scaled"`` or
+    ``"published"``); ``None`` leaves every method's default.
 
     ``positions``: the position ids of kept tokens (:func:`tokensieve.compress`; ``None``: each
     method's default).
@@ -114,7 +118,8 @@ def evaluate_configs(
                 visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
                 counts["before"] = counts["after"] = visual - sum(int(b["input_ids"].shape[0]) for b in batches)
             else:
-                with tokensieve.compress(model, method, retain=retain, positions=positions):
+                extra = {"depth": depth} if depth and "depth" in tokensieve.methods.get(method).options else {}
+                with tokensieve.compress(model, method, retain=retain, positions=positions, **extra):
                     answers = answer_prepared(model, processor, batches, on_batch=on_batch)
         except InputError as exc:
             # The method cannot run at this ratio on this model (e.g. an in-LLM method whose
@@ -170,7 +175,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"Model: `{meta['model']}`; {meta['n']} held-out questions (set {meta['seed']}), "
         f"{meta['n'] // len(FAMILIES)} per family; chance {_pct(meta['chance'])}%. "
         "Greedy `generate` after the chat template; every method with its default options"
-        + (f", positions `{meta['positions']}`." if meta.get("positions") else "."),
+        + (f", positions `{meta['positions']}`" if meta.get("positions") else "")
+        + (f", in-LLM layers `depth={meta['depth']}`" if meta.get("depth") else "") + ".",
         "",
         markdown_table(header, table),
     ]
@@ -252,6 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quality-results", help="output directory (default: %(default)s)")
     parser.add_argument("--positions", choices=("preserve", "compact"), default=None,
                         help="position ids of kept tokens for every method (default: each method's own)")
+    parser.add_argument("--depth", choices=("published", "scaled"), default=None,
+                        help="in-LLM methods' layers: as published, or scaled to this model's depth (default: each "
+                             "method's own, 'published')")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
 
 
@@ -285,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(configs) * len(examples), desc="bench quality", unit="q", dynamic_ncols=True,
               file=sys.stderr) as bar:
         rows = evaluate_configs(model, processor, examples, configs, batch_size=args.batch_size, on_progress=bar.update,
-                                positions=args.positions)
+                                positions=args.positions, depth=args.depth)
     by_family: dict[str, list[Any]] = {}
     for e in examples:
         by_family.setdefault(e.family, []).append(e)
@@ -299,10 +308,12 @@ def run(args: argparse.Namespace) -> int:
             "chance": synthvid.chance_level(examples),
             "chance_by_family": {f: synthvid.chance_level(v) for f, v in by_family.items()},
             "positions": args.positions,
+            "depth": args.depth,
             "seconds": round(time.perf_counter() - began, 1),
             "command": "tokensieve bench quality " + " ".join(
                 [f"--model {args.model}", f"--methods {','.join(methods)}", f"--retain {','.join(f'{r:g}' for r in retains)}",
                  f"--n {args.n}", f"--seed {args.seed}"] + ([f"--positions {args.positions}"] if args.positions else [])
+                + ([f"--depth {args.depth}"] if args.depth else [])
             ),
         },
         "rows": [{k: v for k, v in r.items() if k != "answers"} for r in rows],

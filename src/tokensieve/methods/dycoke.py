@@ -37,6 +37,7 @@ VidCom2's frame-uniqueness ratios instead of equally; anchor frames are unaffect
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -129,6 +130,17 @@ class DyCoke:
     dp_prune: float = field(default=0.7, metadata={"range": "[0, 1)", "help": "stage 2: fraction of visual KV hidden on a changed step"})
     dp_threshold: float = field(default=0.9, metadata={"help": "stage 2: cosine below which the selection is redone"})
     dp_stable: str = field(default="reference", metadata={"help": "stage 2 on stable steps: 'reference' or 'reuse_previous'"})
+    depth: str = field(default="published", metadata={
+        "help": "'published' (dp_layer as given) or 'scaled' (given for 28 layers, placed at the same depth fraction)"})
+
+    def for_depth(self, num_layers: int) -> "DyCoke":
+        """This configuration with a concrete ``dp_layer`` for a ``num_layers``-layer model."""
+        if self.depth == "published":
+            return self
+        from .inllm import DYCOKE_REF_DEPTH, scaled_layers
+
+        (layer,) = scaled_layers((self.dp_layer,), num_layers, DYCOKE_REF_DEPTH, low=1)
+        return dataclasses.replace(self, dp_layer=layer, depth="published")
 
     def decode_stage(self) -> DyCokeDP | None:
         """The configured stage 2 (``dp=True``), run by the runtime while decoding."""
@@ -151,6 +163,7 @@ class DyCoke:
         validate_choice("dycoke option ttm_pair_source", self.ttm_pair_source, ("own", "previous"))
         validate_choice("dycoke option ttm_keep_order", self.ttm_keep_order, ("raster", "similarity"))
         validate_choice("dycoke option count_rule", self.count_rule, COUNT_RULES)
+        validate_choice("dycoke option depth", self.depth, ("published", "scaled"))
 
     def count(self, num_frames: int, tokens_per_frame: int, retain: float) -> int:
         """Tokens kept for a ``T × M`` segment: see :func:`dycoke_count`."""

@@ -22,6 +22,7 @@ tokens *entering* each layer, ``E_in = (1/L)·Σ_l V_in(l)``, is ``retain·V0``;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -125,6 +126,38 @@ def check_layers(name: str, layers: tuple[int, ...], num_layers: int) -> None:
             )
 
 
+DEPTHS = ("published", "scaled")
+#: depth of the language model each method's layer indices were published for
+FASTV_REF_DEPTH = 32  # LLaVA-1.5-7B (FastV, arXiv 2403.06764 §4: K = 2)
+PDROP_REF_DEPTH = 32  # LLaVA-1.5 / LLaVA-NeXT-7B (PyramidDrop, arXiv 2410.17247 §4: layers 8, 16, 24)
+SPARSEVLM_REF_DEPTH = 32  # LLaVA-1.5-7B (SparseVLM, arXiv 2410.04417 §4: layers 2, 6, 15)
+DYCOKE_REF_DEPTH = 28  # LLaVA-OV-7B's Qwen2-7B (DyCoke, arXiv 2411.15024 §4: decode layer 3)
+
+
+def scaled_layers(layers: tuple[int, ...] | list[int], num_layers: int, ref_depth: int, low: int = 0) -> tuple[int, ...]:
+    """Published layer indices placed at the same fraction of a model of ``num_layers`` layers.
+
+    The rule (fixed before any accuracy was looked at): ``l' = ⌊l·L/L_ref + ½⌋``, raised to at least
+    ``low`` (1 for "first layer that sees the pruned sequence" indices), then to one more than the
+    previous index so the list stays strictly increasing; an index that would pass the last layer
+    is an error. On the published depth the indices are unchanged.
+    """
+    out: list[int] = []
+    for layer in layers:
+        v = max(int(low), math.floor(int(layer) * num_layers / ref_depth + 0.5))
+        if out:
+            v = max(v, out[-1] + 1)
+        out.append(v)
+    if out and out[-1] >= num_layers:
+        raise InputError(f"cannot place {len(out)} layers {tuple(layers)} (published for {ref_depth} layers) "
+                         f"in a {num_layers}-layer language model")
+    return tuple(out)
+
+
+def _check_depth_choice(name: str, depth: str) -> None:
+    validate_choice(f"{name} option depth", depth, DEPTHS)
+
+
 def _keep_count(name: str, value: float, V0: int) -> int:
     k = int(math.floor(value + 0.5))
     if k < 1:
@@ -144,15 +177,25 @@ class FastV:
     query: str = field(default="last", metadata={"help": "ranking rows: 'last' prompt token or 'mean_text'"})
     equivalent: str = field(default="input", metadata={"help": "retain means E_in, E_out or 'keep' at layer K"})
     budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+    depth: str = field(default="published", metadata={
+        "help": "'published' (layer as given) or 'scaled' (layer given for 32 layers, placed at the same depth fraction)"})
 
     stage = "in-llm"
 
     def __post_init__(self) -> None:
+        _check_depth_choice("fastv", self.depth)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise InputError(f"fastv option layer (K) must be an integer >= 1, got {self.layer!r}")
         validate_choice("fastv option query", self.query, ("last", "mean_text"))
         validate_choice("fastv option equivalent", self.equivalent, EQUIVALENT_MODES)
         validate_choice("fastv option budget", self.budget, ("uniform", "fca"))
+
+    def for_depth(self, num_layers: int) -> "FastV":
+        """This configuration with concrete layer indices for a ``num_layers``-layer model."""
+        if self.depth == "published":
+            return self
+        (k,) = scaled_layers((self.layer,), num_layers, FASTV_REF_DEPTH, low=1)
+        return dataclasses.replace(self, layer=k, depth="published")
 
     def check_depth(self, num_layers: int) -> None:
         check_layers("fastv", (self.layer,), num_layers)
@@ -198,10 +241,13 @@ class PDrop:
     ratios: tuple[float, ...] | None = field(default=None, metadata={"range": "(0, 1]", "help": "keep fraction per stage (None: from retain)"})
     equivalent: str = field(default="input", metadata={"help": "retain means E_in or E_out ('keep': first stage)"})
     budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+    depth: str = field(default="published", metadata={
+        "help": "'published' (layers as given) or 'scaled' (layers given for 32 layers, placed at the same depth fractions)"})
 
     stage = "in-llm"
 
     def __post_init__(self) -> None:
+        _check_depth_choice("pdrop", self.depth)
         validate_choice("pdrop option equivalent", self.equivalent, EQUIVALENT_MODES)
         validate_choice("pdrop option budget", self.budget, ("uniform", "fca"))
         if self.layers is not None:
@@ -221,6 +267,13 @@ class PDrop:
         n = len(self.ratios) if self.ratios is not None else 3
         out = sorted({max(1, round(num_layers * (s + 1) / (n + 1))) for s in range(n)})
         return tuple(b for b in out if b < num_layers)
+
+    def for_depth(self, num_layers: int) -> "PDrop":
+        """Concrete boundaries for a ``num_layers``-layer model (the default ones are fractions already)."""
+        if self.depth == "published" or self.layers is None:
+            return dataclasses.replace(self, depth="published") if self.depth != "published" else self
+        return dataclasses.replace(self, layers=scaled_layers(self.layers, num_layers, PDROP_REF_DEPTH, low=1),
+                                   depth="published")
 
     def check_depth(self, num_layers: int) -> None:
         bounds = self.boundaries(num_layers)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -909,6 +910,8 @@ class SparseVLM(SparseVLMOptions):
     budget: str | None = field(default="ratio", metadata={"help": "'ratio' (from retain), 'schedule' (tables) or 'rank'"})
     equivalent: str = field(default="input", metadata={"help": "retain means E_in ('input') or E_out ('output')"})
     frame_budget: str = field(default="uniform", metadata={"help": "'uniform' (global top-k) or 'fca' per-frame budgets"})
+    depth: str = field(default="published", metadata={
+        "help": "'published' (pruning_layers as given) or 'scaled' (given for 32 layers, placed at the same depth fractions)"})
 
     stage = "in-llm"
 
@@ -916,6 +919,7 @@ class SparseVLM(SparseVLMOptions):
         super().__post_init__()
         validate_choice("sparsevlm option equivalent", self.equivalent, ("input", "output"))
         validate_choice("sparsevlm option frame_budget", self.frame_budget, ("uniform", "fca"))
+        validate_choice("sparsevlm option depth", self.depth, ("published", "scaled"))
 
     @property
     def uses_fca(self) -> bool:
@@ -923,6 +927,15 @@ class SparseVLM(SparseVLMOptions):
 
     def default_positions_for(self, style: str) -> str:
         return "preserve" if style == "mrope" else self.variant_positions
+
+    def for_depth(self, num_layers: int) -> "SparseVLM":
+        """This configuration with concrete pruning layers for a ``num_layers``-layer model."""
+        if self.depth == "published":
+            return self
+        from .inllm import SPARSEVLM_REF_DEPTH, scaled_layers
+
+        layers = scaled_layers(tuple(self.pruning_layers or ()), num_layers, SPARSEVLM_REF_DEPTH, low=0)
+        return dataclasses.replace(self, pruning_layers=layers, depth="published")
 
     def check_depth(self, num_layers: int) -> None:
         for layer in self.pruning_layers or ():
