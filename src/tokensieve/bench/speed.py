@@ -158,8 +158,10 @@ def _lm_and_vision(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mo
 
 
 def _flops(seq: list[int], shape: tuple[int, int, int, int]) -> float:
+    from ..methods.inllm import prefill_flops
+
     d, m, dkv, _ = shape
-    return float(sum(n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m for n in seq))
+    return prefill_flops([int(n) for n in seq], d, m, dkv)
 
 
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:

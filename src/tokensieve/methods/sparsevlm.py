@@ -36,7 +36,7 @@ import torch
 from ..errors import InputError
 from .base import validate_choice
 from .budget import check_retain
-from .inllm import check_layers
+from .inllm import check_layers, prefill_flops  # noqa: F401 - prefill_flops: §9, shared with every method
 
 #: Pruning layers of v1.5 and v2 (§1).
 PRUNING_LAYERS: tuple[int, ...] = (2, 6, 15)
@@ -754,29 +754,7 @@ def ratio_schedule(
     )[1]
 
 
-# --- §9 FLOPs ----------------------------------------------------------------------------------
-
-
-def prefill_flops(n_per_layer: Sequence[int], d: int, m: int, d_kv: int | None = None) -> float:
-    """Prefill cost ``Σ_l F(n_l)`` in the FastV / SparseVLM convention (§9).
-
-    ``F(n) = n·d·(2d + 2·d_kv) + 2·n²·d + 3·n·d·m`` with ``d_kv = H_kv·d_h`` (GQA);
-    ``d_kv=None`` means MHA (``d_kv = d``), i.e. ``4nd² + 2n²d + 3ndm``. ``n_l`` is the full
-    sequence length entering layer ``l`` (text + visual). The counts are multiply–accumulates
-    labelled "FLOPs" (×2 for strict FLOPs); the causal ``n²`` term is not halved.
-    LLaVA-1.5-7B (``d = 4096``, ``m = 11008``, 32 layers, ``n = 694``): 4.62e12.
-    """
-    if not (_is_int(d) and d > 0 and _is_int(m) and m > 0):
-        raise InputError(f"d and m must be positive ints, got d={d!r}, m={m!r}")
-    dkv = d if d_kv is None else d_kv
-    if not (_is_int(dkv) and dkv > 0):
-        raise InputError(f"d_kv must be a positive int or None, got {d_kv!r}")
-    total = 0
-    for n in n_per_layer:
-        if not _is_int(n) or n < 0:
-            raise InputError(f"sequence lengths must be non-negative ints, got {n!r}")
-        total += n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m
-    return float(total)
+# --- §9 FLOPs: :func:`tokensieve.methods.inllm.prefill_flops` (shared by every method) ---------
 
 
 # --- options -----------------------------------------------------------------------------------

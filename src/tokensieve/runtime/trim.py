@@ -134,13 +134,12 @@ class TrimStats:
         (``n·d·(2d + 2·d_kv) + 2n²d + 3ndm`` per layer, multiply-accumulates)."""
         if self.lm_shape is None:
             return None
+        from ..methods.inllm import prefill_flops
+
         d, m, dkv, layers = self.lm_shape
         per_layer = self.inllm.seq_in[self._inllm_row(b)] if self.inllm is not None else [self.seq_after[b]] * layers
-
-        def f(n: int) -> float:
-            return n * d * (2 * d + 2 * dkv) + 2 * n * n * d + 3 * n * d * m
-
-        return {"pruned": float(sum(f(n) for n in per_layer)), "unpruned": float(layers * f(self.seq_before[b]))}
+        return {"pruned": prefill_flops(per_layer, d, m, dkv),
+                "unpruned": prefill_flops([self.seq_before[b]] * layers, d, m, dkv)}
 
     def _sample_dict(self, b: int) -> dict[str, Any]:
         out: dict[str, Any] = {
