@@ -26,7 +26,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -62,22 +62,90 @@ class SampleLayout:
     text: torch.Tensor
     last: int
     frame: torch.Tensor
-    #: filled at a prune point for methods that need them (e.g. SparseVLM+'s RoPE correction):
-    #: the rotary positions of the sequence (``[L]`` or ``[3, L]``), the query rows scored,
-    #: and the rotary constants of the model
-    positions: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PruneContext:
+    """What a method may read at one prune point of one sample (built by the runtime, never
+    mutated).
+
+    Attributes:
+        layout: where the visual and text tokens are in this layer's sequence.
+        point: the prune point (layer, scheduled keep count, attention source).
+        rows: ``[R]`` the query rows whose attention was captured.
+        positions: rotary positions of the sequence, ``[L]`` (1-D RoPE) or ``[3, L]`` (M-RoPE).
+        head_dim, rope_theta, mrope_section: the model's rotary constants.
+        state: what :meth:`InLLMMethod.prepare_sample` returned for this sample.
+    """
+
+    layout: SampleLayout
+    point: PrunePoint
+    rows: torch.Tensor
+    positions: torch.Tensor
     head_dim: int = 0
     rope_theta: float = 10000.0
-    mrope_section: list[int] | None = None
+    mrope_section: tuple[int, ...] | None = None
+    state: Any = None
 
 
-def uses_fca(method: object) -> bool:
+class InLLMMethod:
+    """The contract between an in-LLM method and the runtime; every hook but :meth:`plan`,
+    :meth:`rows`, :meth:`score` and :meth:`check_depth` has a default.
+
+    Per prefill the runtime calls :meth:`prepare_sample` once per sample; at each prune point
+    it computes the attention of :meth:`rows` over the current keys, asks :meth:`score` for one
+    value per visual token, keeps ``dynamic_keep`` (if not ``None``) or ``keep_bound(point.keep, V)``
+    of them — per frame with FCA weights when :attr:`uses_fca` — and inserts what
+    :meth:`recycle_tokens` returns after the last kept visual token.
+    """
+
+    stage = "in-llm"
+
+    def check_depth(self, num_layers: int) -> None:
+        """Raise :class:`InputError` when a layer index does not exist in ``num_layers`` layers."""
+        raise NotImplementedError
+
+    def plan(self, num_visual: int, num_layers: int, retain: float) -> list[PrunePoint]:
+        """The prune points for ``num_visual`` visual tokens in a ``num_layers``-layer model."""
+        raise NotImplementedError
+
+    def for_depth(self, num_layers: int) -> "InLLMMethod":
+        """This configuration with concrete layer indices for ``num_layers`` layers."""
+        return self
+
+    def prepare_sample(self, h_visual: torch.Tensor, h_text: torch.Tensor) -> Any:
+        """Per-sample state from the layer-0 embeddings (``None``: nothing to prepare)."""
+        return None
+
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
+        """``[R]`` query rows whose attention ranks the visual tokens."""
+        raise NotImplementedError
+
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        """``[V]`` score of each visual token from ``attn`` ``[H, R, Lk]`` (higher is kept)."""
+        raise NotImplementedError
+
+    def keep_bound(self, keep: int, num_visual: int) -> int:
+        """How many of ``num_visual`` tokens a scheduled ``keep`` really keeps."""
+        return min(int(keep), int(num_visual))
+
+    def dynamic_keep(self, attn: torch.Tensor, ctx: PruneContext) -> int | None:
+        """A keep count decided from the attention itself (``None``: the schedule's)."""
+        return None
+
+    def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(features [c, D], centre index [c] into the pruned tokens)`` to re-insert, or ``None``."""
+        return None
+
+    @property
+    def uses_fca(self) -> bool:
+        """Whether keep counts are spread over frames with FCA weights."""
+        return getattr(self, "budget", "uniform") == "fca"
+
+
+def uses_fca(method: InLLMMethod | None) -> bool:
     """Whether an in-LLM method spreads its keep counts over frames with FCA weights."""
-    flag = getattr(method, "uses_fca", None)
-    if isinstance(flag, bool):
-        return flag
-    return getattr(method, "budget", "uniform") == "fca"
+    return bool(method is not None and method.uses_fca)
 
 
 def head_mean_rows(attn: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
@@ -193,7 +261,7 @@ def _keep_count(name: str, value: float, V0: int) -> int:
 
 
 @dataclass
-class FastV:
+class FastV(InLLMMethod):
     """FastV: after layer ``K − 1``, keep the visual tokens the last prompt token attends to most.
 
     ``K`` (``layer``) is the first layer that sees the pruned sequence (paper default 2).
@@ -244,17 +312,17 @@ class FastV:
             )
         return [PrunePoint(K - 1, _keep_count("fastv", k, V0), "self")]
 
-    def rows(self, layout: SampleLayout) -> torch.Tensor:
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
         if self.query == "mean_text" and layout.text.numel():
             return layout.text
         return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
 
-    def score(self, attn: torch.Tensor, layout: SampleLayout, point: PrunePoint) -> torch.Tensor:
-        return head_mean_rows(attn, layout.visual)
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        return head_mean_rows(attn, ctx.layout.visual)
 
 
 @dataclass
-class PDrop:
+class PDrop(InLLMMethod):
     """PyramidDrop: at each stage boundary ``b``, rank the visual tokens by the attention that
     layer ``b`` would pay them from the last instruction token, and keep a geometric share.
 
@@ -344,11 +412,11 @@ class PDrop:
         counts = [min(c, V0) for c in counts]
         return [PrunePoint(b - 1, c, "next") for b, c in zip(bounds, counts)]
 
-    def rows(self, layout: SampleLayout) -> torch.Tensor:
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
         return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
 
-    def score(self, attn: torch.Tensor, layout: SampleLayout, point: PrunePoint) -> torch.Tensor:
-        return head_mean_rows(attn, layout.visual)
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        return head_mean_rows(attn, ctx.layout.visual)
 
 
 @dataclass

@@ -25,18 +25,19 @@ orderings are stable, ties go to the smaller index; nothing here is random unles
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import InputError
 from .base import validate_choice
 from .budget import check_retain
-from .inllm import check_layers, prefill_flops  # noqa: F401 - prefill_flops: §9, shared with every method
+from .inllm import InLLMMethod, PruneContext, SampleLayout, check_layers, prefill_flops  # noqa: F401 - §9
 
 #: Pruning layers of v1.5 and v2 (§1).
 PRUNING_LAYERS: tuple[int, ...] = (2, 6, 15)
@@ -872,7 +873,7 @@ def _shape(x: object) -> object:
 
 
 @dataclass
-class SparseVLM(SparseVLMOptions):
+class SparseVLM(SparseVLMOptions, InLLMMethod):
     """SparseVLM as an in-LLM method of the runtime (§2): text raters chosen once from the
     layer-0 embeddings judge the visual tokens through each pruning layer's own attention;
     the pruning layer's output keeps the top tokens, and recycled (clustered) tokens are
@@ -958,35 +959,33 @@ class SparseVLM(SparseVLMOptions):
         """Rater indices (relative to the text after the visual tokens), once per prefill."""
         return select_raters(h_visual, h_text)
 
-    def rows_with_state(self, layout: object, raters: torch.Tensor | None) -> torch.Tensor:
-        text = layout.text  # type: ignore[attr-defined]
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
+        """The raters' rows (``state``: their indices relative to the text, from :meth:`prepare_sample`)."""
+        text, raters = layout.text, state
         if raters is None or raters.numel() == 0:
             return text
         raters = raters.to(text.device)
         return text[raters[raters < text.numel()]]
 
-    def score(self, attn: torch.Tensor, layout: object, point: object) -> torch.Tensor:
-        visual = layout.visual  # type: ignore[attr-defined]
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        visual = ctx.layout.visual
         gravity = None
         if self.gravity_correction:
-            pos = layout.positions  # type: ignore[attr-defined]
-            rows = layout.rows  # type: ignore[attr-defined]
-            head_dim = layout.head_dim  # type: ignore[attr-defined]
-            row_pos, col_pos = (pos[..., rows], pos[..., visual])
-            gravity = rope_gravity(row_pos, col_pos, head_dim, theta=layout.rope_theta,  # type: ignore[attr-defined]
-                                   mrope_section=layout.mrope_section)  # type: ignore[attr-defined]
+            row_pos, col_pos = ctx.positions[..., ctx.rows], ctx.positions[..., visual]
+            section = list(ctx.mrope_section) if ctx.mrope_section is not None else None
+            gravity = rope_gravity(row_pos, col_pos, ctx.head_dim, theta=ctx.rope_theta, mrope_section=section)
         return significance(attn, visual, heads=self.priority_heads, gravity=gravity, gravity_floor=self.gravity_floor)
 
     def keep_bound(self, keep: int, num_visual: int) -> int:
         """Scheduled keep counts follow :func:`bounded_keep` (``min(keep, V − 1)``); the rank
         budget's count is used as it is (``V`` means: skip this layer)."""
-        return int(keep) if self.budget == "rank" else bounded_keep(keep, num_visual)
+        return min(int(keep), int(num_visual)) if self.budget == "rank" else bounded_keep(keep, num_visual)
 
-    def dynamic_keep(self, attn: torch.Tensor, layout: object) -> int | None:
+    def dynamic_keep(self, attn: torch.Tensor, ctx: PruneContext) -> int | None:
         """Rank budget: the keep count from the rater attention ``P``; ``None`` for fixed budgets."""
         if self.budget != "rank":
             return None
-        P = attn.float().mean(0)[:, layout.visual]  # type: ignore[attr-defined]
+        P = attn.float().mean(0)[:, ctx.layout.visual]
         return self.keep_count(P)
 
     def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..methods.inllm import PrunePoint, SampleLayout, select_top, uses_fca
+from ..methods.inllm import InLLMMethod, PruneContext, PrunePoint, SampleLayout, select_top, uses_fca
 from . import compat
 
 ROWS_IMPL = "tokensieve_rows"
@@ -303,10 +303,10 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
     rotary, text_pos = _split_positions(position_ids)
     pe = lm.rotary_emb(h, rotary)
     mask_cache: dict[tuple[str, int], Any] = {}
-    prep = getattr(method, "prepare_sample", None)
     prepared_state = (
-        [prep(h[b, layouts[b].visual], h[b, layouts[b].text]) if V0[b] > 0 else None for b in range(B)]
-        if prep is not None
+        [method.prepare_sample(h[b, layouts[b].visual], h[b, layouts[b].text]) if V0[b] > 0 else None
+         for b in range(B)]
+        if method is not None
         else None
     )
     t_score = 0.0
@@ -384,11 +384,8 @@ def _row_capture(
     return rows, _Capture(base="", rows=rows, allowed=allowed, dry=dry)
 
 
-def _rows_for(method: Any, layout: SampleLayout, prepared_state: Any, b: int) -> torch.Tensor:
-    rows_fn = getattr(method, "rows_with_state", None)
-    if rows_fn is not None:
-        return rows_fn(layout, prepared_state[b] if prepared_state is not None else None)
-    return method.rows(layout)
+def _rows_for(method: InLLMMethod, layout: SampleLayout, prepared_state: Any, b: int) -> torch.Tensor:
+    return method.rows(layout, prepared_state[b] if prepared_state is not None else None)
 
 
 def _rope_info(config: Any) -> tuple[int, float, list[int] | None]:
@@ -421,19 +418,17 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             merged = None
             keep_vis = lay.visual
         else:
-            rope = _rope_info(state.lm_config)
-            lay.positions = rotary[:, b] if mrope else rotary[b]
-            lay.rows = state.rows_used[b]
-            lay.head_dim, lay.rope_theta, lay.mrope_section = rope
-            score = method.score(attn[b], lay, p)
+            head_dim, theta, section = _rope_info(state.lm_config)
+            ctx = PruneContext(layout=lay, point=p, rows=state.rows_used[b],
+                               positions=rotary[:, b] if mrope else rotary[b], head_dim=head_dim, rope_theta=theta,
+                               mrope_section=tuple(section) if section else None,
+                               state=prepared_state[b] if prepared_state is not None else None)
+            score = method.score(attn[b], ctx)
             V = int(lay.visual.numel())
-            bound = getattr(method, "keep_bound", None)  # the method's rule (SparseVLM: V − 1), else V
-            k = bound(p.keep, V) if bound is not None else min(p.keep, V)
-            dynamic = getattr(method, "dynamic_keep", None)
-            if dynamic is not None:
-                adaptive = dynamic(attn[b], lay)
-                if adaptive is not None:
-                    k = min(int(adaptive), V)
+            k = method.keep_bound(p.keep, V)  # the method's rule (SparseVLM: V − 1), by default V
+            adaptive = method.dynamic_keep(attn[b], ctx)
+            if adaptive is not None:
+                k = min(int(adaptive), V)
             local = select_top(score, k, lay.frame if fca else None, frame_weights[b] if fca else None)
             keep_vis = lay.visual[local]
             drop = torch.ones(lay.visual.numel(), dtype=torch.bool, device=h.device)
@@ -442,9 +437,8 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
             keep_mask[lay.visual[drop]] = False
             idx = keep_mask.nonzero(as_tuple=True)[0]
             merged = None
-            recycle = getattr(method, "recycle_tokens", None)
-            if recycle is not None and bool(drop.any()) and k < lay.visual.numel():
-                merged = recycle(h[b, lay.visual[drop]], score[drop])  # (features [c, D], centre [c] into dropped)
+            if bool(drop.any()) and k < lay.visual.numel():
+                merged = method.recycle_tokens(h[b, lay.visual[drop]], score[drop])  # (features [c, D], centre [c])
                 if merged is not None and merged[0].shape[0] == 0:
                     merged = None
         # assemble the new row: tokens in order, recycled ones right after the last kept visual token
