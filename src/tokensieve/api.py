@@ -109,7 +109,7 @@ def compress(
             f"model is already compressed with {existing.spec.name!r} (retain={existing.retain}); "
             "call tokensieve.restore(model) or use the handle as a context manager before compressing again"
         )
-    lm_calls = check_transformers(model, inllm is not None or dp is not None)
+    lm_calls = check_transformers(model, adapter, inllm is not None or dp is not None)
     state = TrimState(
         spec=spec,
         selector=selector,

@@ -176,6 +176,11 @@ class Adapter:
     def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:
         """Record decode-time position offsets where the model keeps them (M-RoPE models)."""
 
+    def language_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The decoder stack (``embed_tokens``, ``layers``, ``rotary_emb``, ``norm``) the in-LLM
+        runtime drives; the families supported today keep it at ``model.model.language_model``."""
+        return model.model.language_model
+
     @staticmethod
     def require_ids(kwargs: dict[str, Any]) -> torch.Tensor:
         ids = kwargs.get("input_ids")

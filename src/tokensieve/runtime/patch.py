@@ -482,16 +482,11 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
     return Pending(layouts, weights)
 
 
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (embeddings, layers, rotary embedding, final norm) of a VLM."""
-    return model.model.language_model
-
-
-def check_transformers(model: torch.nn.Module, in_llm: bool) -> Any:
+def check_transformers(model: torch.nn.Module, adapter: Adapter, in_llm: bool) -> Any:
     """Refuse a transformers release (or, for the in-LLM loop, decoder layers) the runtime was not
     written for; return how to call the layers (``None`` for pre-LLM methods)."""
     compat.check_version()
-    return compat.check_language_model(language_model(model)) if in_llm else None
+    return compat.check_language_model(adapter.language_model(model)) if in_llm else None
 
 
 def install(model: torch.nn.Module, state: TrimState) -> None:
@@ -504,7 +499,7 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
     model.forward = _Forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _Generate(model, state, originals["generate"])  # type: ignore[method-assign]
     if state.uses_lm_loop:
-        lm = language_model(model)
+        lm = state.adapter.language_model(model)
         state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
         lm.forward = LMForward(model, lm, state, lm.forward)  # type: ignore[method-assign]
 
@@ -521,7 +516,7 @@ def uninstall(model: torch.nn.Module) -> None:
         if prev is not _MISSING:
             model.__dict__[name] = prev
     if "lm_forward" in state.saved:
-        lm = language_model(model)
+        lm = state.adapter.language_model(model)
         lm.__dict__.pop("forward", None)
         if state.saved["lm_forward"] is not _MISSING:
             lm.__dict__["forward"] = state.saved["lm_forward"]
