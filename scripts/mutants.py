@@ -41,16 +41,16 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "fastv-least-attended", "FastV keeps the least-attended visual tokens", "methods/inllm.py",
-        '''        return head_mean_rows(attn, layout.visual)
+        '''        return head_mean_rows(attn, ctx.layout.visual)
 
 
 @dataclass
-class PDrop:''',
-        '''        return -head_mean_rows(attn, layout.visual)
+class PDrop(InLLMMethod):''',
+        '''        return -head_mean_rows(attn, ctx.layout.visual)
 
 
 @dataclass
-class PDrop:''',
+class PDrop(InLLMMethod):''',
         ("tests/test_inllm.py::test_inllm_selections_are_the_methods_own_choice",),
     ),
     Mutant(
@@ -86,8 +86,8 @@ class PDrop:''',
         "1-D preserve positions: the second half of each kept sequence is shifted by one (a uniform shift of "
         "every id would be an equivalent mutant: RoPE sees only differences)",
         "runtime/trim.py",
-        "            row_pos = pos[:, b, keep] if mrope else pos[b, keep]\n",
-        "            row_pos = pos[:, b, keep] if mrope else pos[b, keep] + (torch.arange(n) >= n // 2).long()\n",
+        "            rp = pos[:, b, keep] if mrope else pos[b, keep]\n",
+        "            rp = pos[:, b, keep] if mrope else pos[b, keep] + (torch.arange(n) >= n // 2).long()\n",
         ("tests/test_runtime.py::test_position_modes_match_reference",),
     ),
     Mutant(
@@ -99,8 +99,8 @@ class PDrop:''',
     ),
     Mutant(
         "labels-wrong-rows", "labels are gathered from the next sample's row", "runtime/patch.py",
-        "        out[b, sl] = t[b, keep]\n",
-        "        out[b, sl] = t[(b + 1) % t.shape[0], keep]\n",
+        "    return repad([t[b, keep] for b, keep in enumerate(trimmed.stats.emitted)]",
+        "    return repad([t[(b + 1) % t.shape[0], keep] for b, keep in enumerate(trimmed.stats.emitted)]",
         ("tests/test_runtime.py::test_labels_are_gathered_with_the_tokens",),
     ),
     Mutant(

@@ -35,6 +35,7 @@ import torch
 from ..errors import InputError
 from ..methods.inllm import InLLMMethod, PruneContext, PrunePoint, SampleLayout, select_top, uses_fca
 from . import compat
+from .repad import mask_of, mask_positions, padding_side_of, repad, repad_positions, row_slot
 
 ROWS_IMPL = "tokensieve_rows"
 _CAPTURE: contextvars.ContextVar["_Capture | None"] = contextvars.ContextVar("tokensieve_capture", default=None)
@@ -200,14 +201,6 @@ def _join_positions(rotary: torch.Tensor, text: torch.Tensor | None, template: t
     return rotary
 
 
-def _compact(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-def _padding_left(mask: torch.Tensor) -> bool:
-    return not (bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()))
-
-
 # --- the language-model forward ---------------------------------------------------------------
 
 
@@ -248,7 +241,7 @@ class LMForward:
         if isinstance(attention_mask, dict) or attention_mask.dim() != 2:
             raise InputError("in-LLM pruning needs a 2-D attention mask and a dynamic KV cache")
         if position_ids is None:
-            position_ids = (_compact(attention_mask)[:, -q:])
+            position_ids = mask_positions(attention_mask)[:, -q:]
         if decoding:
             h = _decode(model, lm, state, session, inputs_embeds, attention_mask.long(), position_ids,
                         kv_cache, use_cache, kwargs)
@@ -404,7 +397,7 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
            prepared_state: Any) -> tuple:
     """Keep the selected visual tokens of every sample (plus recycled ones), re-pad."""
     B, L, D = h.shape
-    left = _padding_left(mask)
+    side = padding_side_of(mask)
     rotary, text_pos = _split_positions(position_ids)
     mrope = rotary.dim() == 3
     rows_h, rows_pos, rows_origin, new_layouts = [], [], [], []
@@ -475,30 +468,21 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
         rows_origin.append(seq_origin)
         new_layouts.append((n, new_visual_flags, new_frames, lay))
     Lp = max(r.shape[0] for r in rows_h)
-    new_h = h.new_zeros(B, Lp, D)
-    new_mask = mask.new_zeros(B, Lp)
-    new_rot = rotary.new_zeros((rotary.shape[0], B, Lp) if mrope else (B, Lp))
-    out_layouts, out_origin = [], []
+    new_h = repad(rows_h, side)
+    new_mask = mask_of([r.shape[0] for r in rows_h], side, mask)
+    new_rot = repad_positions(rows_pos, side)
+    out_origin = list(repad(rows_origin, side, -1).unbind(0))
+    out_layouts = []
     for b in range(B):
         n, flags, frames, lay = new_layouts[b]
-        off = Lp - n if left else 0
-        sl = slice(off, off + n)
-        new_h[b, sl] = rows_h[b]
-        new_mask[b, sl] = 1
-        if mrope:
-            new_rot[:, b, sl] = rows_pos[b]
-        else:
-            new_rot[b, sl] = rows_pos[b]
-        o = torch.full((Lp,), -1, dtype=torch.long, device=h.device)
-        o[sl] = rows_origin[b]
-        out_origin.append(o)
+        off = row_slot(n, Lp, side).start
         vis = flags.nonzero(as_tuple=True)[0] + off
         after = torch.arange(int(vis.max()) + 1 if vis.numel() else off, off + n, device=h.device)
         out_layouts.append(SampleLayout(visual=vis, text=after, last=off + n - 1,
                                         frame=torch.tensor(frames, dtype=torch.long, device=h.device)))
     if state.positions == "compact" and not mrope:
-        new_rot = _compact(new_mask).to(new_rot.dtype)
-    new_text = _compact(new_mask).to(new_rot.dtype) if text_pos is not None else None
+        new_rot = mask_positions(new_mask).to(new_rot.dtype)
+    new_text = mask_positions(new_mask).to(new_rot.dtype) if text_pos is not None else None
     if text_pos is not None and not mrope:
         new_text = new_rot
     return new_h, new_mask, _join_positions(new_rot, new_text, position_ids), out_layouts, out_origin

@@ -32,6 +32,7 @@ from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
 from . import compat
 from .inllm import LMForward, Pending
+from .repad import mask_positions, repad, row_slot
 from .trim import Trimmed, TrimStats, trim
 
 STATE_ATTR = "_tokensieve_state"
@@ -220,8 +221,7 @@ def model_position_ids(trimmed: Trimmed, style: str) -> torch.Tensor:
     """
     if style != "mrope":
         return trimmed.position_ids
-    mask = trimmed.attention_mask
-    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    text = mask_positions(trimmed.attention_mask)
     return torch.cat([text[None].to(trimmed.position_ids.dtype), trimmed.position_ids], dim=0)
 
 
@@ -315,13 +315,9 @@ def _check_outputs(state: TrimState, kw: dict[str, Any], config: Any) -> None:
 
 
 def _gather_rows(t: torch.Tensor, trimmed: Trimmed, fill: int) -> torch.Tensor:
-    B, Lp = trimmed.attention_mask.shape
-    out = t.new_full((B, Lp), fill)
-    for b, keep in enumerate(trimmed.stats.emitted):
-        n = keep.numel()
-        sl = slice(Lp - n, Lp) if trimmed.padding_side == "left" else slice(0, n)
-        out[b, sl] = t[b, keep]
-    return out
+    """``t`` ``[B, L]`` (e.g. labels) gathered like the tokens and re-padded like them."""
+    return repad([t[b, keep] for b, keep in enumerate(trimmed.stats.emitted)], trimmed.padding_side, fill,
+                 width=trimmed.attention_mask.shape[1])
 
 
 def _resolve_lengths(model: torch.nn.Module, kw: dict[str, Any], prompt_len: int) -> None:
@@ -454,7 +450,7 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
     for b in range(B):
         keep = trimmed.keep[b]
         n = keep.numel()
-        off = Lp - n if trimmed.padding_side == "left" else 0
+        off = row_slot(n, Lp, trimmed.padding_side).start
         slot = torch.full((prepared.input_ids.shape[1],), -1, dtype=torch.long, device=keep.device)
         slot[trimmed.stats.emitted[b]] = torch.arange(n, device=keep.device)  # where each kept position sits
         vis, frames, w = [], [], []

@@ -16,6 +16,7 @@ import torch
 from ..methods.base import SegmentContext, Selection, Selector
 from ..methods.signals import frame_mean_attention
 from ..models.base import Prepared, Segment
+from .repad import mask_of, padding_side_of, repad, repad_positions
 
 POSITION_MODES = ("preserve", "compact")
 
@@ -171,15 +172,6 @@ class Trimmed:
     input_ids: torch.Tensor
 
 
-def padding_side_of(mask: torch.Tensor) -> str:
-    """``"left"`` or ``"right"`` from a 2-D mask; unpadded batches count as left (generation's side)."""
-    if mask.shape[1] == 0:
-        return "left"
-    if bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()):
-        return "right"
-    return "left"
-
-
 def _check_selection(sel: Selection, n: int, T: int, name: str) -> None:
     keep = sel.keep
     if keep.dim() != 1 or keep.dtype != torch.int64:
@@ -319,27 +311,20 @@ def trim(
         deltas = (pos.amax(dim=(0, 2)) if mrope else pos.amax(dim=1)).reshape(B, 1).long() + 1
         deltas = deltas - torch.tensor(lengths, device=pos.device).reshape(B, 1)
         return Trimmed(embeds, mask, pos, deltas, keeps, side, make_stats(mask, pos), prepared.input_ids)
-    Lp = max(lengths) if lengths else 0
-    new_embeds = embeds.new_zeros(B, Lp, D)
-    new_mask = mask.new_zeros(B, Lp)
-    new_pos = pos.new_zeros((3, B, Lp) if mrope else (B, Lp))
-    new_ids = prepared.input_ids.new_full((B, Lp), pad_id)
+    new_embeds = repad([rows[b][keep] for b, keep in enumerate(emitted)], side)
+    new_ids = repad([prepared.input_ids[b, keep] for b, keep in enumerate(emitted)], side, pad_id)
+    new_mask = mask_of(lengths, side, mask)
+    row_pos = []
     deltas = torch.zeros(B, 1, dtype=torch.long, device=pos.device)
     for b, (n, keep) in enumerate(zip(lengths, emitted)):
-        sl = slice(Lp - n, Lp) if side == "left" else slice(0, n)
-        new_embeds[b, sl] = rows[b][keep]
-        new_mask[b, sl] = 1
-        new_ids[b, sl] = prepared.input_ids[b, keep]
         if positions == "preserve":
-            row_pos = pos[:, b, keep] if mrope else pos[b, keep]
+            rp = pos[:, b, keep] if mrope else pos[b, keep]
         else:
-            row_pos = torch.arange(n, device=pos.device, dtype=pos.dtype)
-            row_pos = row_pos.expand(3, -1) if mrope else row_pos
-        if mrope:
-            new_pos[:, b, sl] = row_pos
-        else:
-            new_pos[b, sl] = row_pos
+            rp = torch.arange(n, device=pos.device, dtype=pos.dtype)
+            rp = rp.expand(3, -1) if mrope else rp
+        row_pos.append(rp)
         if n:
-            deltas[b, 0] = int(row_pos.max()) + 1 - n
+            deltas[b, 0] = int(rp.max()) + 1 - n
+    new_pos = repad_positions(row_pos, side)
     stats = make_stats(new_mask, new_pos)
     return Trimmed(new_embeds, new_mask, new_pos, deltas, keeps, side, stats, new_ids)
