@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from tokensieve.errors import InputError
 
 __all__ = ["add_arguments", "kept_by_frame", "run", "run_demo"]
 
