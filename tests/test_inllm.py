@@ -304,12 +304,12 @@ def test_row_attention_equals_rows_of_the_full_eager_matrix(models, arch):
     h = seen["inputs_embeds"]
     B, L = mask.shape
     rows = [torch.tensor([L - 1, L - 3, L - 6 - b]) for b in range(B)]
-    from tokensieve.runtime.inllm import _mask_for
+    from tokensieve.runtime.compat import causal_mask
 
     with torch.no_grad():
         for idx, layer in enumerate(lm.layers):
             pe = lm.rotary_emb(h, pos)
-            m4 = _mask_for(lm, "full_attention", h, mask, None, idx)
+            m4 = causal_mask(lm.config, "full_attention", h, mask, None, idx)
             cap = _Capture(base="", rows=rows, allowed=[allowed_rows(mask[b], rows[b], 0) for b in range(B)])
             h = call_capturing(layer.self_attn, cap, lambda: layer(h, attention_mask=m4, position_embeddings=pe,
                                                                    position_ids=None if mrope else text))

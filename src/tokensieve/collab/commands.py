@@ -24,17 +24,11 @@ from typing import Any
 from .._argtypes import non_negative_int, positive_int
 from ..errors import InputError
 from .service.options import add_arguments as add_serve_arguments
-
-
-def _token(path: Path) -> str:
-    token = _read(path).decode("utf-8", errors="replace").strip()
-    if not token:
-        raise InputError(f"the token file {path} is empty")
-    return token
+from .service.options import read_token_file
 
 
 def _client(args: argparse.Namespace, token_file: Path) -> Any:
-    return _service("client").CloudClient(args.url, _token(token_file), timeout=args.timeout)
+    return _service("client").CloudClient(args.url, read_token_file(token_file, "token", 1), timeout=args.timeout)
 
 
 def _print(data: Any) -> None:
@@ -57,6 +51,15 @@ def _service(module: str) -> Any:
         raise
 
 
+def _client_parser(sub: Any, name: str, helptext: str, token_option: str) -> argparse.ArgumentParser:
+    """A sub-command that talks to the service: its URL, the file holding the caller's token, a timeout."""
+    p = sub.add_parser(name, help=helptext)
+    p.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8470")
+    p.add_argument(token_option, required=True, type=Path)
+    p.add_argument("--timeout", type=float, default=30.0)
+    return p
+
+
 def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cloud_command", metavar="ACTION", required=True)
     serve = sub.add_parser("serve", help="run the collaboration service (HTTP; HTTPS with --ssl-*)")
@@ -64,10 +67,7 @@ def add_cloud_arguments(parser: argparse.ArgumentParser) -> None:
     for name, helptext in (("add-device", "register a device and print its token (shown once)"),
                            ("publish", "publish a weight update (a VTDW file) for a device"),
                            ("uploads", "list the uploads (all devices, or one)")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8470")
-        p.add_argument("--admin-token-file", required=True, type=Path)
-        p.add_argument("--timeout", type=float, default=30.0)
+        p = _client_parser(sub, name, helptext, "--admin-token-file")
         if name == "add-device":
             p.add_argument("--name", required=True)
             p.add_argument("--quota", type=positive_int)
@@ -110,10 +110,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     for name, helptext in (("status", "the service's view of this device: uploads and updates"),
                            ("upload", "upload an uplink payload with its manifest (resumable)"),
                            ("pull", "download and verify a weight update (resumable)")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8470")
-        p.add_argument("--token-file", required=True, type=Path)
-        p.add_argument("--timeout", type=float, default=30.0)
+        p = _client_parser(sub, name, helptext, "--token-file")
         if name == "upload":
             p.add_argument("--payload", required=True, type=Path, help="the payload bytes (e.g. safetensors)")
             p.add_argument("--manifest", required=True, type=Path, help="its JSON manifest")

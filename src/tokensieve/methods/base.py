@@ -142,8 +142,7 @@ def _in_interval(x: float, text: str) -> bool:
 
 
 def _number(method: str, name: str, value: object, kind: type, interval: str | None) -> float | int:
-    what = "an integer" if kind is int else "a finite number"
-    accepted = what + (f" in {interval}" if interval else "")
+    accepted = _describe(kind, interval)
     value = as_scalar(value)
     bad = isinstance(value, bool) or not isinstance(value, (int, float))
     if not bad and kind is int and isinstance(value, float):

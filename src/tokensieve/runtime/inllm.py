@@ -182,10 +182,6 @@ def _layer_types(lm: torch.nn.Module) -> list[str]:
     return list(types) if types else ["full_attention"] * len(lm.layers)
 
 
-def _mask_for(lm: torch.nn.Module, kind: str, h: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    return compat.causal_mask(lm.config, kind, h, mask2d, cache, layer)
-
-
 def _split_positions(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rotary positions, text positions passed to layers) from the model's position layout."""
     if pos.dim() == 3 and pos.shape[0] == 4:
@@ -256,7 +252,6 @@ class LMForward:
         return compat.model_output(h, kv_cache if use_cache else None)
 
 
-
 def _expand(pending: Pending, B: int) -> Pending:
     n = len(pending.layouts)
     if n == B:
@@ -307,7 +302,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
         key = (kinds[idx], id(mask))
         if key not in mask_cache:
             mask_cache = {k: v for k, v in mask_cache.items() if k[1] == id(mask)}
-            mask_cache[key] = _mask_for(lm, kinds[idx], h, mask, cache, idx)
+            mask_cache[key] = compat.causal_mask(lm.config, kinds[idx], h, mask, cache, idx)
         session.layer_masks.append(mask)
         session.layer_shift.append((full_valid - mask.sum(-1)).to(position_ids.dtype))
         session.layer_visual.append([lay.visual for lay in layouts])
@@ -335,7 +330,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
             nxt = lm.layers[idx + 1]
             rows_req, cap = _row_capture(method, layouts, prepared_state, mask, points, dry=True)
             x = nxt.input_layernorm(h_out)
-            nxt_mask = _mask_for(lm, kinds[idx + 1], h_out, mask, None, idx + 1)
+            nxt_mask = compat.causal_mask(lm.config, kinds[idx + 1], h_out, mask, None, idx + 1)
             call_capturing(nxt.self_attn, cap, lambda: nxt.self_attn(
                 hidden_states=x, attention_mask=nxt_mask, position_ids=text_pos, position_embeddings=pe,
                 **calls.cache_kw(None)))
@@ -518,7 +513,7 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
         if key not in rotary_cache:
             rotary_cache[key] = lm.rotary_emb(h, rotary)
         pe = rotary_cache[key]
-        mask_arg = _mask_for(lm, kinds[idx], h, step_mask, cache, idx)
+        mask_arg = compat.causal_mask(lm.config, kinds[idx], h, step_mask, cache, idx)
 
         def run(h=h, layer=layer, mask_arg=mask_arg, pe=pe, text_pos=text_pos):
             return layer(h, attention_mask=mask_arg, position_embeddings=pe, position_ids=text_pos,

@@ -277,7 +277,7 @@ class _Forward(_Wrapper):
         if state.uses_lm_loop and kw.get("labels") is not None:
             raise InputError(f"labels are not supported with the in-LLM method {state.spec.name!r} "
                              "(the sequence shrinks inside the model)")
-        _check_outputs(state, kw, getattr(model, "config", None))
+        _check_outputs(state, kw)
         try:
             prepared, trimmed = _run_trim(model, state, kw)
         except BaseException:
@@ -299,7 +299,7 @@ class _Forward(_Wrapper):
             state.pending = None
 
 
-def _check_outputs(state: TrimState, kw: dict[str, Any], config: Any) -> None:
+def _check_outputs(state: TrimState, kw: dict[str, Any]) -> None:
     """In-LLM methods run their own layer loop, which returns no per-layer outputs: refuse to
     return ``None`` where the caller asked for them."""
     if not state.uses_lm_loop:
@@ -384,7 +384,7 @@ class _Generate(_Wrapper):
             raise InputError("tokensieve cannot continue generation from a cache when new pixel inputs are given")
         input_ids = state.adapter.require_ids(kw)
         _check_generate_kwargs(model, state, kw)
-        _check_outputs(state, kw, getattr(model, "config", None))
+        _check_outputs(state, kw)
         try:
             prepared, trimmed = _run_trim(model, state, kw)
             gen_kw = {k: v for k, v in kw.items()

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..._argtypes import non_negative_int, positive_int
+from ...errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,3 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chunk", type=positive_int, help="largest upload chunk in bytes (8 MiB)")
     parser.add_argument("--device-quota", type=positive_int, help="default per-device quota in bytes (1 GiB)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def read_token_file(path: str | Path, what: str = "admin token", min_length: int = 16) -> str:
+    """The token stored in ``path`` (surrounding whitespace stripped), at least ``min_length``
+    characters; tokens are read from files, never from the command line."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the {what} file {str(path)!r}: {exc}") from None
+    if not token:
+        raise InputError(f"the {what} file {str(path)!r} is empty")
+    if len(token) < min_length:
+        raise InputError(f"the {what} in {str(path)!r} must be at least {min_length} characters")
+    return token

@@ -26,22 +26,11 @@ import uvicorn
 from tokensieve.errors import InputError
 
 from .app import create_app
-from .options import add_arguments
+from .options import add_arguments, read_token_file
 
 __all__ = ["main", "read_token_file", "serve"]
 
 _log = logging.getLogger("tokensieve.collab.service")
-
-
-def read_token_file(path: str | Path) -> str:
-    """The admin token stored in ``path`` (surrounding whitespace stripped)."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the admin token file {str(path)!r}: {exc}") from None
-    if len(token) < 16:
-        raise InputError(f"the admin token in {str(path)!r} must be at least 16 characters")
-    return token
 
 
 def _write_atomic(path: Path, text: str) -> None:
