@@ -28,11 +28,14 @@ from . import synthvid
 
 __all__ = [
     "EMBEDDED_DIR",
+    "SIZES",
+    "TEACHER_DIR",
     "build_model",
     "build_processor",
     "build_tokenizer",
     "embedded_config",
     "load_embedded",
+    "load_teacher",
     "load_model",
     "prompt_for",
     "save_model",
@@ -70,6 +73,16 @@ TEXT = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     "tie_word_embeddings": False,
 }
+#: The cloud teacher's decoder (``tokensieve collab``): the device's architecture, 1.5× wider and
+#: deeper (head size unchanged). It shares the device's vision tower, so it reads the very tokens
+#: a device uplinks, and has its own projector.
+TEACHER_TEXT = dict(TEXT, hidden_size=192, intermediate_size=576, num_hidden_layers=6,
+                    num_attention_heads=6, num_key_value_heads=6)
+#: Model sizes :func:`build_model` knows: the device (the embedded model) and the cloud teacher.
+SIZES = {"device": TEXT, "teacher": TEACHER_TEXT}
+
+#: Directory of the shipped cloud teacher inside the package.
+TEACHER_DIR = Path(__file__).resolve().parent / "teacher"
 
 
 def _chat_template() -> str:
@@ -152,14 +165,17 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     )
 
 
-def embedded_config(tokenizer: Any | None = None) -> Any:
-    """The ``LlavaOnevisionConfig`` of the embedded model."""
+def embedded_config(tokenizer: Any | None = None, size: str = "device") -> Any:
+    """The ``LlavaOnevisionConfig`` of the embedded model (``size="device"``) or of the cloud
+    teacher (``"teacher"``, see :data:`TEACHER_TEXT`)."""
     from transformers import LlavaOnevisionConfig
 
+    if size not in SIZES:
+        raise InputError(f"unknown model size {size!r}; expected one of {', '.join(SIZES)}")
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
-    text = dict(TEXT, vocab_size=len(tokenizer), bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    text = dict(SIZES[size], vocab_size=len(tokenizer), bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
     return LlavaOnevisionConfig(
         vision_config=dict(VISION),
         text_config=text,
@@ -173,13 +189,13 @@ def embedded_config(tokenizer: Any | None = None) -> Any:
     )
 
 
-def build_model(seed: int = 0, tokenizer: Any | None = None) -> Any:
-    """A freshly initialised (untrained) embedded-architecture model, float32, eval mode."""
+def build_model(seed: int = 0, tokenizer: Any | None = None, size: str = "device") -> Any:
+    """A freshly initialised (untrained) model of ``size`` (:data:`SIZES`), float32, eval mode."""
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    config = embedded_config(tokenizer)
+    config = embedded_config(tokenizer, size)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -240,6 +256,16 @@ def load_embedded(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
             f"the embedded model is missing from {EMBEDDED_DIR}; train it with `python -m tokensieve.zoo.train`"
         )
     return load_model(EMBEDDED_DIR, attn_implementation)
+
+
+def load_teacher(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """The shipped cloud teacher and its processor (same tokenizer and vision tower as the device)."""
+    if not (TEACHER_DIR / "config.json").is_file():
+        raise InputError(
+            f"the cloud teacher is missing from {TEACHER_DIR}; train it with "
+            "`python -m tokensieve.zoo.train --size teacher`"
+        )
+    return load_model(TEACHER_DIR, attn_implementation)
 
 
 def prompt_for(processor: Any, question: str) -> str:

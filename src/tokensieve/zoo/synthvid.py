@@ -27,6 +27,13 @@ answer equally often.
 
 Splits are seed ranges: training draws seeds below :data:`HELDOUT_START`; the held-out split
 (:func:`heldout_seeds`) starts there, so training never sees a held-out clip.
+
+Domains (:data:`DOMAINS`): ``"source"`` is the world the embedded model was trained on. The
+others are distribution shifts of the same scenes and questions, for the cloud–device
+collaboration (``tokensieve collab``): ``"dusk"`` (dim, warm light with sensor noise) and
+``"fog"`` (washed-out contrast and blur). A shift is applied after rendering with its own random
+stream, so a source clip is bit-identical to what it was before domains existed, and the clip of
+``(seed, domain)`` shows the same shapes, motion and answer as ``(seed, "source")``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 __all__ = [
     "ANSWERS",
     "COLOURS",
+    "DOMAINS",
     "FAMILIES",
     "FRAMES",
     "GRID",
@@ -55,6 +63,7 @@ __all__ = [
     "heldout_seeds",
     "make_example",
     "normalise_answer",
+    "shift_frames",
     "train_seeds",
     "vocabulary",
 ]
@@ -88,6 +97,9 @@ REST_CELLS: dict[str, tuple[tuple[int, int], ...]] = {
 
 #: Every word an answer can be.
 ANSWERS: tuple[str, ...] = tuple(SHAPES) + tuple(COLOURS) + NUMBERS + PLACES
+
+#: The domains a clip can be drawn in: the training world and its shifts (see the module docstring).
+DOMAINS: tuple[str, ...] = ("source", "dusk", "fog")
 
 #: First seed of the held-out split; training uses seeds below it.
 HELDOUT_START = 1_000_000_000
@@ -137,6 +149,7 @@ class Example:
         objects: per frame, the shapes drawn in it.
         cuts: frame indices where a new scene (background) starts, excluding 0.
         focus: per frame, the cells that hold the object(s) the question is about.
+        domain: one of :data:`DOMAINS` (``"source"`` unless shifted).
     """
 
     seed: int
@@ -147,6 +160,7 @@ class Example:
     objects: list[list[ObjectFrame]] = field(repr=False)
     cuts: list[int]
     focus: list[list[tuple[int, int]]] = field(repr=False)
+    domain: str = "source"
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -511,15 +525,52 @@ _CYCLES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _blur(frames: np.ndarray) -> np.ndarray:
+    """A separable [1, 2, 1]/4 blur over height and width of float ``[T, H, W, 3]`` (edges repeated)."""
+    out = frames
+    for axis in (1, 2):
+        padded = np.concatenate([np.take(out, [0], axis), out, np.take(out, [-1], axis)], axis)
+        n = out.shape[axis]
+        out = (np.take(padded, range(0, n), axis) + 2 * np.take(padded, range(1, n + 1), axis)
+               + np.take(padded, range(2, n + 2), axis)) / 4
+    return out
+
+
+def shift_frames(frames: np.ndarray, domain: str, seed: int) -> np.ndarray:
+    """``frames`` (uint8 ``[T, H, W, 3]``) as seen in ``domain``; the identity for ``"source"``.
+
+    * ``"dusk"``: per-channel gains (0.75, 0.55, 0.45) — dim, warm light — plus Gaussian sensor
+      noise (σ = 8 grey levels), drawn per pixel and frame.
+    * ``"fog"``: a [1, 2, 1] blur, then contrast 0.45 towards a bright haze (grey 160), plus noise
+      (σ = 5).
+
+    The noise is a pure function of ``(seed, domain)``.
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}")
+    if domain == "source":
+        return frames
+    rng = np.random.default_rng([seed, 1000 + DOMAINS.index(domain)])
+    x = frames.astype(np.float32)
+    if domain == "dusk":
+        x = x * np.asarray([0.75, 0.55, 0.45], np.float32) + rng.normal(0, 8, x.shape).astype(np.float32)
+    else:  # fog
+        x = 0.45 * _blur(x) + 0.55 * 160.0 + rng.normal(0, 5, x.shape).astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def _answer_for(family: str, seed: int) -> str:
     cycle = _CYCLES[family]
     return cycle[(seed // len(FAMILIES)) % len(cycle)]
 
 
-def make_example(seed: int, family: str | None = None) -> Example:
-    """The example of ``seed`` (deterministic). ``family`` overrides the seed's own family."""
+def make_example(seed: int, family: str | None = None, domain: str = "source") -> Example:
+    """The example of ``seed`` (deterministic). ``family`` overrides the seed's own family;
+    ``domain`` (one of :data:`DOMAINS`) shows the same clip under a distribution shift."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}")
     fam = FAMILIES[seed % len(FAMILIES)] if family is None else family
     if fam not in _BUILDERS:
         raise ValueError(f"unknown family {fam!r}; expected one of {', '.join(FAMILIES)}")
@@ -537,8 +588,9 @@ def make_example(seed: int, family: str | None = None) -> Example:
         family=fam,
         question=question,
         answer=answer,
-        frames=frames,
+        frames=shift_frames(frames, domain, seed),
         objects=objects,
         cuts=cuts,
         focus=focus,
+        domain=domain,
     )

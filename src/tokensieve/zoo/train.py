@@ -43,7 +43,7 @@ import numpy as np
 
 from .._argtypes import non_negative_int, positive_int
 from . import synthvid
-from .model import EMBEDDED_DIR, build_model, build_processor, build_tokenizer, save_model
+from .model import EMBEDDED_DIR, SIZES, TEACHER_DIR, build_model, build_processor, build_tokenizer, save_model
 
 __all__ = ["TrainConfig", "main", "make_batch", "train"]
 
@@ -72,6 +72,10 @@ class TrainConfig(argparse.Namespace):
     eval_n: int
     threads: int
     family_weights: list[float] | None
+    size: str
+    vision_from: str | None
+    domain_weights: list[float]
+    mask_augment: float
 
 
 #: How often each family is drawn in training (count, which the decoder learns last, most often;
@@ -90,6 +94,29 @@ def _weights(text: str) -> list[float]:
             f"(one per family: {','.join(synthvid.FAMILIES)}), got {text!r}"
         )
     return values
+
+
+def _domain_weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(synthvid.DOMAINS) or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected {len(synthvid.DOMAINS)} non-negative comma-separated numbers "
+            f"(one per domain: {','.join(synthvid.DOMAINS)}), got {text!r}"
+        )
+    return values
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
 
 
 def _non_negative(text: str) -> float:
@@ -142,7 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often each family is drawn, in the order "
                         f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="device",
+                        help="decoder size: the embedded device model or the larger cloud teacher (default: %(default)s)")
+    parser.add_argument("--vision-from", default=None, metavar="PATH",
+                        help="take the vision tower from the model saved in PATH and keep it fixed (the teacher "
+                        "shares the device's); use with --vision-steps 0")
+    parser.add_argument("--domains", dest="domain_weights", type=_domain_weights, default=[1.0, 0.0, 0.0],
+                        metavar="W,W,W",
+                        help=f"how often each clip is drawn in each domain, in the order {','.join(synthvid.DOMAINS)} "
+                        "(default: source only)")
+    parser.add_argument("--mask-augment", type=_probability, default=0.0, metavar="P",
+                        help="share of clips whose vision-tower tokens are masked as a device's uplink masks them "
+                        "(UTS, the lowest-norm tokens kept, a mask ratio drawn from 0.25-0.75), so a cloud teacher "
+                        "reads uplinked tokens as well as whole clips (default: %(default)s)")
     return parser
+
+
+#: The cloud teacher's recipe: ``python -m tokensieve.zoo.train`` with these arguments.
+TEACHER_ARGS = ("--size", "teacher", "--vision-from", str(EMBEDDED_DIR), "--vision-steps", "0",
+                "--steps", "1400", "--domains", "1,1,1", "--mask-augment", "0.5", "--out", str(TEACHER_DIR),
+                "--checkpoint-dir", "teacher-checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +210,15 @@ def step_seeds(seed: int, step: int, batch_size: int, weights: Sequence[float] |
     families = rng.choice(n_fam, size=batch_size, p=p / p.sum())
     bases = rng.integers(0, synthvid.HELDOUT_START // n_fam, size=batch_size)
     return [int(b) * n_fam + int(f) for b, f in zip(bases, families)]
+
+
+def step_domains(seed: int, step: int, batch_size: int, weights: Sequence[float]) -> list[str]:
+    """The domain of each training example of ``step`` (a pure function of ``(seed, step)``)."""
+    p = np.asarray(weights, np.float64)
+    if p[1:].sum() == 0:
+        return ["source"] * batch_size  # the device's recipe draws nothing more from the stream
+    rng = np.random.default_rng([seed, step, 11])
+    return [synthvid.DOMAINS[int(i)] for i in rng.choice(len(p), size=batch_size, p=p / p.sum())]
 
 
 def cell_targets(example: synthvid.Example) -> np.ndarray:
@@ -366,6 +421,48 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
 # ---------------------------------------------------------------------------------------------
 
 
+class _UplinkMask:
+    """Zeroes vision-tower tokens of some clips before the projector, as a device's uplink does.
+
+    For each clip drawn (probability ``share``, from a generator seeded per step) the tokens are
+    ranked by UTS's closed-form uncertainty (mean square, :func:`tokensieve.methods.uts.token_uncertainty`)
+    and the lowest-ranked ``⌊(1 − r)·N⌋`` kept, ``r`` uniform in [0.25, 0.75] (``keep_low``, the
+    uplink's default); the rest are zero, as the cloud receives them.
+    """
+
+    def __init__(self, model: Any, share: float) -> None:
+        self.share = share
+        self.clips: list[bool] = []
+        self.ratios: list[float] = []
+        self.hook = model.model.multi_modal_projector.register_forward_pre_hook(self._mask)
+
+    def draw(self, seed: int, step: int, n: int) -> None:
+        rng = np.random.default_rng([seed, step, 13])
+        self.clips = [bool(x) for x in rng.random(n) < self.share]
+        self.ratios = [float(x) for x in rng.uniform(0.25, 0.75, n)]
+
+    def _mask(self, module: Any, args: Any) -> Any:
+        import torch
+
+        from ..methods.uts import select_tokens, token_uncertainty
+
+        (x,) = args
+        if not any(self.clips):
+            return None
+        b = len(self.clips)
+        frames = x.shape[0] // b
+        x = x.clone()
+        with torch.no_grad():
+            for i, (masked, ratio) in enumerate(zip(self.clips, self.ratios)):
+                if not masked:
+                    continue
+                clip = x[i * frames : (i + 1) * frames].reshape(1, -1, x.shape[-1])
+                keep = select_tokens(token_uncertainty(clip, estimator="analytic"), mask_ratio=ratio,
+                                     direction="keep_low", scope="per_sample")
+                x[i * frames : (i + 1) * frames] *= keep.view(frames, -1, 1).to(x.dtype)
+        return (x,)
+
+
 class _Probe:
     """Linear probe on the projector output, pooled 2×2 like the model pools video frames."""
 
@@ -525,10 +622,20 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
-    model = build_model(cfg.seed, tokenizer)
+    model = build_model(cfg.seed, tokenizer, cfg.size)
+    if cfg.vision_from:
+        from .model import load_model
+
+        donor, _ = load_model(cfg.vision_from)
+        model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        del donor
+        cfg.freeze_vision = True
+        if cfg.vision_steps:
+            raise SystemExit("--vision-from takes a trained vision tower: use it with --vision-steps 0")
     model.set_attn_implementation("eager")  # attention probabilities for the guidance loss
     model.train()
     probe = _Probe(model, model.config.text_config.hidden_size, cfg.seed)
+    masker = _UplinkMask(model, cfg.mask_augment) if cfg.mask_augment > 0 else None
     params = list(model.parameters()) + list(probe.head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -565,9 +672,13 @@ def train(cfg: TrainConfig) -> Path:
     family_acc: dict[str, float | None] = dict.fromkeys(synthvid.FAMILIES)
     began = time.perf_counter()
     for step in bar:
-        examples = [synthvid.make_example(s) for s in step_seeds(cfg.seed, step, cfg.batch_size, cfg.family_weights)]
+        seeds = step_seeds(cfg.seed, step, cfg.batch_size, cfg.family_weights)
+        domains = step_domains(cfg.seed, step, cfg.batch_size, cfg.domain_weights)
+        examples = [synthvid.make_example(s, domain=d) for s, d in zip(seeds, domains)]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
+        if masker is not None:
+            masker.draw(cfg.seed, step, len(examples))
         if step < cfg.vision_steps:
             # Stage 1: the vision tower and projector alone learn what each token holds.
             pixels = processor.video_processor(videos=[e.frames for e in examples], return_tensors="pt")
@@ -618,6 +729,8 @@ def train(cfg: TrainConfig) -> Path:
                       file=sys.stderr)
     bar.close()
     probe.hook.remove()
+    if masker is not None:
+        masker.hook.remove()
     model.set_attn_implementation("sdpa")
     model.eval()
     out_dir = save_model(model, processor, cfg.out)
