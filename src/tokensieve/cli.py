@@ -179,11 +179,13 @@ _PLUGINS: tuple[tuple[str, str, str], ...] = (
     ("demo", "tokensieve.zoo.demo", "offline demo: the embedded video model, uncompressed and compressed"),
     ("cloud", "tokensieve.collab.commands:cloud", "cloud side of the cloud-device collaboration: serve, devices, updates"),
     ("device", "tokensieve.collab.commands:device", "device side: status, upload an uplink payload, pull an update"),
+    ("collab", "tokensieve.collab.demo:collab", "the cloud-device round trip offline: `tokensieve collab demo`"),
 )
 #: (kind, module, help) of ``tokensieve bench KIND``
 _BENCH_PLUGINS: tuple[tuple[str, str, str], ...] = (
     ("speed", "tokensieve.bench.speed", "prefill/decode latency, peak memory and FLOPs per method"),
     ("quality", "tokensieve.bench.quality", "accuracy per method × retain × question family"),
+    ("collab", "tokensieve.collab.demo:bench", "cloud-device adaptation: AKD against its baselines over rounds"),
 )
 
 

@@ -181,6 +181,31 @@ class Adapter:
         runtime drives; the families supported today keep it at ``model.model.language_model``."""
         return model.model.language_model
 
+    # -- cloud–device collaboration (tokensieve.collab): the tokens a device uplinks -----------
+
+    def uplink_tokens(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The vision encoder's output for the call's videos, before the projector: ``[V, N, C]``.
+
+        These are what a device uplinks (CD-CCA, arXiv 2312.16279 §3.2) and what a cloud model
+        sharing the vision encoder reads through its own projector
+        (:meth:`embeds_from_uplink`)."""
+        raise InputError(f"the cloud-device collaboration does not support {self.family or type(self).__name__} "
+                         "models yet; it supports LlavaOnevisionForConditionalGeneration")
+
+    def embeds_from_uplink(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds, projected)``: the call's token embeddings with the videos' placeholders
+        filled from uplinked encoder tokens ``[V, N, C]`` through this model's own projector (and
+        whatever the model does after it), and the projector's output ``[V, N, D]``."""
+        raise InputError(f"the cloud-device collaboration does not support {self.family or type(self).__name__} "
+                         "models yet; it supports LlavaOnevisionForConditionalGeneration")
+
+    def uplink_frames(self, model: torch.nn.Module, n_tokens: int) -> int:
+        """How many frames ``n_tokens`` uplinked encoder tokens of one video hold."""
+        raise InputError(f"the cloud-device collaboration does not support {self.family or type(self).__name__} "
+                         "models yet; it supports LlavaOnevisionForConditionalGeneration")
+
     @staticmethod
     def require_ids(kwargs: dict[str, Any]) -> torch.Tensor:
         ids = kwargs.get("input_ids")

@@ -123,6 +123,55 @@ class LlavaOnevisionAdapter(Adapter):
         )
 
 
+    # -- cloud–device collaboration ---------------------------------------------------------
+
+    def _patches(self, model: torch.nn.Module) -> int:
+        vc = model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def _check_uplink_config(self, model: torch.nn.Module) -> None:
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy != "full":
+            raise InputError("uplinked tokens are the last vision-encoder layer with every patch; this model selects "
+                             f"layer {cfg.vision_feature_layer!r} with strategy {cfg.vision_feature_select_strategy!r}")
+
+    def uplink_tokens(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
+        self._check_uplink_config(model)
+        pixels = kwargs.get("pixel_values_videos")
+        if pixels is None or pixels.dim() != 5:
+            raise InputError("uplink tokens are taken from videos: pass pixel_values_videos [V, T, 3, H, W]")
+        v, t = pixels.shape[:2]
+        out = model.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[model.config.vision_feature_layer]  # [V*T, P, C]
+        return feats.reshape(v, t * feats.shape[1], feats.shape[-1])
+
+    def uplink_frames(self, model: torch.nn.Module, n_tokens: int) -> int:
+        p = self._patches(model)
+        if n_tokens < p or n_tokens % p:
+            raise InputError(f"{n_tokens} uplinked tokens are not whole frames of {p} patches")
+        return n_tokens // p
+
+    def embeds_from_uplink(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_uplink_config(model)
+        inner = model.model
+        if tokens.dim() != 3:
+            raise InputError(f"uplinked tokens must be [V, N, C], got shape {tuple(tokens.shape)}")
+        v, n, c = tokens.shape
+        frames = self.uplink_frames(model, n)
+        projected = inner.multi_modal_projector(tokens.reshape(v * frames, n // frames, c))  # as get_video_features
+        pooled = inner.apply_pooling(projected).reshape(v, -1, projected.shape[-1])
+        newline = inner.image_newline[None, None, :].expand(v, 1, -1).to(pooled.dtype)
+        video = torch.cat([pooled, newline], dim=1)
+        embeds = inner.get_input_embeddings()(input_ids)
+        placed = split_placeholders(input_ids, model.config.video_token_id, [video.shape[1]] * v, "videos")
+        out = embeds.clone()
+        for i, (b, pos) in enumerate(placed):
+            out[b, pos] = video[i].to(out.dtype)
+        return out, projected.reshape(v, n, -1)
+
+
 def _video_probe_attention(inner: Any, outputs: Any, kwargs: dict[str, Any], num_videos: int) -> list[Any]:
     """SigLIP attention-pooling probe attention of every video frame, on the pooled token grid.
 

@@ -1,0 +1,429 @@
+"""AKD: adapter-based knowledge distillation on the cloud (CD-CCA, arXiv 2312.16279 §3.3).
+
+The cloud keeps a copy of the device model with adapters — LoRA from `peft
+<https://github.com/huggingface/peft>`_ on the language model's and the projector's linear
+layers, plus norm and bias tuning — and trains only those on the samples the device uplinked,
+with a larger, frozen teacher that shares the device's vision encoder and so reads the very
+same uplinked tokens. Three terms (``specs/cdcca.md`` §3.1), each with weight 1:
+
+* **L_CE** — cross-entropy of the student's answer tokens against the teacher's greedy answer
+  (the pseudo-label) and its end-of-turn token.
+* **L_token** — QueryKD between the uplinked tokens through each model's *own* projector.
+* **L_feature** — QueryKD between the two models' final normed hidden states over the same
+  token sequence (the teacher's detached), per sample over its real positions.
+
+QueryKD(y_s, y_t) with y ``[B, L, C]``: both to ``[B, C, L]``; a 1×1 ``Conv1d`` (the
+``align_module``, trained, used only for distillation and never shipped) maps the student's
+channels to the teacher's; ``MSE(ŷ_s, y_t)`` plus, for each of the 3 detail bands of a
+``db6`` discrete wavelet transform along the token axis (zero padding, as the reference's
+transform), the mean absolute difference (the approximation band is ignored). The transform is
+`ptwt <https://github.com/v0lta/PyTorch-Wavelet-Toolbox>`_ (differentiable, PyWavelets'
+conventions).
+
+The trainable set is exactly: LoRA A/B, every norm weight and every bias outside the vision
+encoder (which both models share and nobody trains), and the alignment convs. Only the first
+three reach the device (:mod:`tokensieve.collab.dwc`: ``norm | bias | lora``, never
+``align_module``).
+
+Hyper-parameters follow the reference (3 epochs, warm-up 0.2 epoch, cosine to a floor, gradient
+clip 2, weight decay 0.02) except where the model size says otherwise: the reference's LoRA
+rank 16 and learning rate 3e-5 are for a 7B model; the embedded models are ~10⁵× smaller, and
+rank 8 / 2e-3 (floor 2e-4) is what the update fits in and learns with (``AKDConfig``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from . import dwc
+
+__all__ = [
+    "AKDConfig",
+    "Distiller",
+    "QueryKD",
+    "Sample",
+    "add_adapters",
+    "adapter_names",
+    "query_kd",
+    "wavelet_details",
+]
+
+#: Linear layers that get LoRA: the language model's attention and MLP projections and the
+#: multimodal projector (the "query adapters" of the reference sit on its cross-modal side).
+LORA_TARGETS = (
+    r".*(language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    r"|multi_modal_projector\.linear_[12])"
+)
+#: Parameters nobody trains: the shared vision encoder.
+FROZEN = re.compile(r"vision_tower|vision_model|visual\.")
+
+
+@dataclass
+class AKDConfig:
+    """AKD settings (see the module docstring for the defaults' provenance)."""
+
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (reference: 16 on a 7B model)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha/rank)"})
+    lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of the linear layers with LoRA"})
+    epochs: int = field(default=3, metadata={"help": "passes over the uplinked samples"})
+    batch_size: int = field(default=8, metadata={"help": "samples per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=2e-4, metadata={"help": "cosine floor"})
+    warmup: float = field(default=0.2, metadata={"help": "linear warm-up, in epochs"})
+    clip_grad: float = field(default=2.0, metadata={"help": "gradient-norm clip"})
+    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay"})
+    ce: bool = field(default=True, metadata={"help": "L_CE on the pseudo-labels"})
+    token_kd: bool = field(default=True, metadata={"help": "L_token (QueryKD on the projected uplinked tokens)"})
+    feature_kd: bool = field(default=True, metadata={"help": "L_feature (QueryKD on the final normed hidden states)"})
+    wavelet: str = field(default="db6", metadata={"help": "wavelet of the frequency term"})
+    levels: int = field(default=3, metadata={"help": "wavelet levels (detail bands compared)"})
+    wavelet_mode: str = field(default="zero", metadata={"help": "boundary mode of the transform"})
+    seed: int = field(default=0, metadata={"help": "shuffling and alignment-conv initialisation seed"})
+
+    def __post_init__(self) -> None:
+        for name in ("lora_rank", "epochs", "batch_size", "levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"AKD {name} must be a positive integer, got {value!r}")
+        for name in ("lr", "min_lr", "warmup", "clip_grad", "weight_decay", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"AKD {name} must be a finite number >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise InputError(f"AKD min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if not (self.ce or self.token_kd or self.feature_kd):
+            raise InputError("AKD needs at least one of the terms ce, token_kd, feature_kd")
+        import pywt
+
+        if self.wavelet not in pywt.wavelist(kind="discrete"):
+            raise InputError(f"unknown discrete wavelet {self.wavelet!r} (PyWavelets names, e.g. 'db6')")
+
+    @classmethod
+    def options(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+def add_adapters(model: torch.nn.Module, cfg: AKDConfig | None = None) -> torch.nn.Module:
+    """``model`` (in place) with LoRA on :data:`LORA_TARGETS` through ``peft``; returns the
+    transformers model itself (the LoRA layers live inside it), not a ``PeftModel`` wrapper.
+
+    LoRA's B starts at zero, so the model computes exactly what it did; a device and the cloud's
+    copy add the same adapters and then share one trainable state (:func:`adapter_names`).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = cfg or AKDConfig()
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise InputError("this model already has LoRA adapters")
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                        target_modules=cfg.lora_targets, bias="none")
+    # The seeded generator makes LoRA A (random) identical on every side that adds adapters.
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.seed)
+        inject_adapter_in_model(config, model)
+    finally:
+        torch.random.set_rng_state(state)
+    if not any("lora_" in n for n, _ in model.named_parameters()):
+        raise InputError(f"no linear layer of this model matches the LoRA targets {cfg.lora_targets!r}")
+    return model
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """The trainable set AKD updates and DWC ships: LoRA, norms and biases outside the vision encoder."""
+    return [n for n in dwc.trainable_names(n for n, _ in model.named_parameters()) if not FROZEN.search(n)]
+
+
+def _set_trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    names = set(adapter_names(model))
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+        if n in names:
+            params.append(p)
+    return params
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+def wavelet_details(x: torch.Tensor, wavelet: str = "db6", levels: int = 3, mode: str = "zero") -> list[torch.Tensor]:
+    """The ``levels`` detail bands (coarsest first) of a DWT of ``x`` ``[..., L]`` along its last axis."""
+    import ptwt
+
+    coeffs = ptwt.wavedec(x, wavelet, mode=mode, level=levels, axis=-1)
+    return list(coeffs[1:])
+
+
+def query_kd(student: torch.Tensor, teacher: torch.Tensor, align: torch.nn.Module, *, wavelet: str = "db6",
+             levels: int = 3, mode: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(spatial, frequency)`` QueryKD terms of ``student`` ``[B, L, C_s]`` against ``teacher`` ``[B, L, C_t]``."""
+    if student.dim() != 3 or teacher.dim() != 3 or student.shape[:2] != teacher.shape[:2]:
+        raise InputError(f"QueryKD needs [B, L, C] tensors of one length, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    ys = align(student.transpose(1, 2).float())
+    yt = teacher.transpose(1, 2).float()
+    spatial = F.mse_loss(ys, yt)
+    freq = ys.new_zeros(())
+    for hs, ht in zip(wavelet_details(ys, wavelet, levels, mode), wavelet_details(yt, wavelet, levels, mode)):
+        freq = freq + F.l1_loss(hs, ht)
+    return spatial, freq
+
+
+class QueryKD(torch.nn.Module):
+    """The alignment conv of one QueryKD term (C_s → C_t, kernel 1); call it for ``spatial + frequency``."""
+
+    def __init__(self, c_student: int, c_teacher: int, *, wavelet: str = "db6", levels: int = 3,
+                 mode: str = "zero") -> None:
+        super().__init__()
+        self.align_module = torch.nn.Conv1d(c_student, c_teacher, kernel_size=1)
+        self.wavelet, self.levels, self.mode = wavelet, levels, mode
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        spatial, freq = query_kd(student, teacher, self.align_module, wavelet=self.wavelet, levels=self.levels,
+                                 mode=self.mode)
+        return spatial + freq
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One uplinked sample on the cloud: the question, its encoder tokens ``[N, C]`` (zeros
+    where the device masked them), and the answer to learn (the teacher's, unless a baseline
+    supplies the true one)."""
+
+    question: str
+    tokens: torch.Tensor
+    answer: str | None = None
+    sample_id: str = ""
+
+
+def _final_norm(lm: torch.nn.Module) -> torch.nn.Module:
+    norm = getattr(lm, "norm", None)
+    if not isinstance(norm, torch.nn.Module):
+        raise InputError("AKD's feature term reads the language model's final norm (`norm`), which this model lacks")
+    return norm
+
+
+class _Capture:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, _m: Any, _i: Any, out: Any) -> None:
+        self.value = out
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class Distiller:
+    """The cloud's side of one device: the teacher, the student (a copy of the device model
+    with :func:`add_adapters`) and the alignment convs.
+
+    ``processor`` is the (shared) processor of both models; ``prompt(question)`` turns a
+    question into the chat prompt with one video placeholder.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, processor: Any,
+                 prompt: Callable[[str], str], cfg: AKDConfig | None = None) -> None:
+        from ..models import get_adapter
+
+        self.cfg = cfg or AKDConfig()
+        self.student, self.teacher, self.processor, self.prompt = student, teacher, processor, prompt
+        self.adapter = get_adapter(student)
+        if type(get_adapter(teacher)) is not type(self.adapter):
+            raise InputError("the teacher and the student must be of one model family")
+        self.teacher.eval().requires_grad_(False)
+        if not any("lora_" in n for n, _ in student.named_parameters()):
+            raise InputError("the student has no adapters: build it with add_adapters(copy_of_device_model)")
+        s_dim = student.config.text_config.hidden_size
+        t_dim = teacher.config.text_config.hidden_size
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(self.cfg.seed + 1)
+            kw = {"wavelet": self.cfg.wavelet, "levels": self.cfg.levels, "mode": self.cfg.wavelet_mode}
+            self.align = torch.nn.ModuleDict({"token": QueryKD(s_dim, t_dim, **kw), "feature": QueryKD(s_dim, t_dim, **kw)})
+        finally:
+            torch.random.set_rng_state(generator_state)
+        self.end_id = self._end_id()
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def _end_id(self) -> int:
+        eos = self.student.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        if not isinstance(eos, int):
+            raise InputError("the student's generation config has no end-of-turn (eos) token id")
+        return int(eos)
+
+    def _prompts(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Left-padded prompt ids and mask, with each video placeholder expanded for its tokens."""
+        import numpy as np
+
+        frames = self.adapter.uplink_frames(self.student, int(samples[0].tokens.shape[0]))
+        side = int(self.student.config.vision_config.image_size)
+        blank = np.zeros((frames, side, side, 3), np.uint8)  # only sizes the placeholders; never encoded
+        batch = self.processor(text=[self.prompt(s.question) for s in samples], videos=[blank] * len(samples),
+                               return_tensors="pt", padding=True)
+        if bool((batch["attention_mask"][:, -1] == 0).any()):
+            raise InputError("AKD builds prompts with left padding; the processor pads on the right")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+        return [int(i) for i in ids] + [self.end_id]
+
+    def _with_answers(self, prompts: dict[str, torch.Tensor], answers: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Prompts followed by each answer's tokens (right-padded with masked pad tokens), labels and positions."""
+        b, p = prompts["input_ids"].shape
+        k = max(len(a) for a in answers)
+        pad = int(self.processor.tokenizer.pad_token_id)
+        tail = torch.full((b, k), pad, dtype=torch.long)
+        tail_mask = torch.zeros((b, k), dtype=torch.long)
+        labels = torch.full((b, p + k), -100, dtype=torch.long)
+        for i, a in enumerate(answers):
+            tail[i, : len(a)] = torch.tensor(a)
+            tail_mask[i, : len(a)] = 1
+            labels[i, p - 1 : p - 1 + len(a)] = torch.tensor(a)  # position t predicts token t+1
+        ids = torch.cat([prompts["input_ids"], tail], 1)
+        mask = torch.cat([prompts["attention_mask"], tail_mask], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokens: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, projected uplink tokens, final normed hidden states)`` of ``model`` on the batch."""
+        capture = _Capture(_final_norm(self.adapter.language_model(model)))
+        try:
+            embeds, projected = self.adapter.embeds_from_uplink(model, batch["input_ids"], tokens)
+            out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=False)
+        finally:
+            capture.close()
+        assert capture.value is not None
+        return out.logits, projected, capture.value
+
+    # -- the cloud's steps -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pseudo_label(self, samples: Sequence[Sample], *, batch_size: int = 16, max_new_tokens: int = 2,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+        """The teacher's greedy answers to the uplinked samples (set as each sample's ``answer``)."""
+        out: list[str] = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            prompts = self._prompts(chunk)
+            tokens = torch.stack([s.tokens for s in chunk]).float()
+            embeds, _ = self.adapter.embeds_from_uplink(self.teacher, prompts["input_ids"], tokens)
+            gen = self.teacher.generate(inputs_embeds=embeds, attention_mask=prompts["attention_mask"],
+                                        max_new_tokens=max_new_tokens, do_sample=False)
+            texts = [t.strip() for t in self.processor.batch_decode(gen, skip_special_tokens=True)]
+            for s, t in zip(chunk, texts):
+                s.answer = t
+            out.extend(texts)
+            if progress is not None:
+                progress(len(chunk))
+        return out
+
+    def _lr(self, step: int, total: int, per_epoch: int) -> float:
+        warm = max(1, int(round(self.cfg.warmup * per_epoch)))
+        if step < warm:
+            return self.cfg.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return self.cfg.min_lr + (self.cfg.lr - self.cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def fit(self, samples: Sequence[Sample], *, progress: Callable[[dict[str, float]], None] | None = None
+            ) -> dict[str, Any]:
+        """Train the student's adapters (and the alignment convs) on ``samples`` (each with an
+        ``answer``) for ``cfg.epochs``; returns the mean of each loss term per epoch and the time."""
+        if not samples:
+            raise InputError("AKD needs at least one uplinked sample")
+        if any(s.answer is None for s in samples):
+            raise InputError("every sample needs an answer: call pseudo_label first (or supply true answers)")
+        cfg = self.cfg
+        params = _set_trainable(self.student)
+        align_params = list(self.align.parameters()) if (cfg.token_kd or cfg.feature_kd) else []
+        decay = [p for p in params + align_params if p.ndim >= 2]
+        no_decay = [p for p in params + align_params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        per_epoch = math.ceil(len(samples) / cfg.batch_size)
+        total = per_epoch * cfg.epochs
+        history: list[dict[str, float]] = []
+        began = time.perf_counter()
+        self.student.train()
+        step = 0
+        try:
+            for _epoch in range(cfg.epochs):
+                order = torch.randperm(len(samples), generator=generator).tolist()
+                sums: dict[str, float] = {}
+                for start in range(0, len(order), cfg.batch_size):
+                    chunk = [samples[i] for i in order[start : start + cfg.batch_size]]
+                    terms = self._losses(chunk)
+                    loss = sum(terms.values())
+                    for g in optimizer.param_groups:
+                        g["lr"] = self._lr(step, total, per_epoch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params + align_params, cfg.clip_grad)
+                    optimizer.step()
+                    step += 1
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(chunk)
+                    if progress is not None:
+                        progress(values)
+                history.append({k: v / len(samples) for k, v in sums.items()})
+        finally:
+            self.student.eval()
+            for p in self.student.parameters():
+                p.requires_grad_(False)
+        return {"epochs": history, "steps": step, "seconds": time.perf_counter() - began}
+
+    def _losses(self, chunk: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        answers = [self._answer_ids(str(s.answer)) for s in chunk]
+        batch = self._with_answers(self._prompts(chunk), answers)
+        tokens = torch.stack([s.tokens for s in chunk]).float()
+        logits, projected, hidden = self._forward(self.student, batch, tokens)
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.ce:
+            labels = batch["labels"]
+            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if cfg.token_kd or cfg.feature_kd:
+            with torch.no_grad():
+                _, t_projected, t_hidden = self._forward(self.teacher, batch, tokens)
+            if cfg.token_kd:
+                terms["token"] = self.align["token"](projected, t_projected)
+            if cfg.feature_kd:
+                mask = batch["attention_mask"].bool()
+                per = [self.align["feature"](hidden[i][mask[i]][None], t_hidden[i][mask[i]][None])
+                       for i in range(len(chunk))]
+                terms["feature"] = torch.stack(per).mean()
+        return terms
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The student's shipped state (``norm | bias | lora`` outside the vision encoder), for DWC."""
+        params = dict(self.student.named_parameters())
+        return {n: params[n] for n in adapter_names(self.student)}
+
+
+def student_from(device_model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of a device model (with adapters already added) for the cloud to train."""
+    return copy.deepcopy(device_model)

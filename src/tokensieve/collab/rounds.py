@@ -1,0 +1,348 @@
+"""The cloud–device round trip of CD-CCA (arXiv 2312.16279 §3), end to end over the real service.
+
+Each round:
+
+1. **Device** (:class:`Device`) answers a stream of clips from the current domain with greedy
+   ``generate``; UTS-1 keeps the samples it answered unsurely (confidence Π_t max softmax(z_t/T)
+   below the threshold), at most ``max_uplink`` of them, least confident first; UTS-2 keeps
+   ⌊(1 − mask_ratio)·N⌋ of each one's vision-encoder tokens; the payload (safetensors +
+   manifest, :mod:`tokensieve.collab.uplink`) goes up through :class:`~.service.client.CloudClient`.
+2. **Cloud** (:class:`Cloud`) downloads and verifies it, pseudo-labels the samples with the
+   teacher (which shares the device's vision encoder, so it reads the uplinked tokens), trains
+   the student's adapters (:mod:`tokensieve.collab.akd`), encodes ``student − mirror`` with DWC
+   (:mod:`tokensieve.collab.dwc`) under the downlink budget and publishes it.
+3. **Device** pulls the update, verifies it (SHA-256 over HTTP, CRC and state hashes in DWC) and
+   applies it; its trainable state then hashes to the cloud's mirror.
+
+A *variant* changes one thing, for the comparison (``tokensieve bench collab``):
+``akd`` (all of the above), ``pseudo-label`` (L_CE only), ``akd-all`` (no UTS: every streamed
+clip and every token goes up), ``oracle`` (the device's adapters trained on the true answers of
+every streamed clip: an upper bound), ``none`` (no adaptation) and ``teacher`` (the teacher's own
+accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..methods.uts import UTS
+from . import dwc
+from .akd import AKDConfig, Distiller, Sample, adapter_names, add_adapters
+from .uplink import Uplink, decode_uplink, encode_uplink
+
+__all__ = ["VARIANTS", "Cloud", "Device", "RoundsConfig", "run_rounds"]
+
+VARIANTS = ("none", "pseudo-label", "akd", "akd-all", "oracle", "teacher")
+
+
+@dataclass
+class RoundsConfig:
+    """What a run does (defaults: ``tokensieve collab demo``)."""
+
+    domains: tuple[str, ...] = ("dusk",)
+    stream: int = 1000
+    max_uplink: int = 200
+    eval_n: int = 300
+    batch_size: int = 25
+    uts: UTS = field(default_factory=lambda: UTS(temperature=1.0, threshold=0.9, mask_ratio=0.75, payload="sparse",
+                                                 scope="per_sample"))
+    akd: AKDConfig = field(default_factory=AKDConfig)
+    downlink_share: float = 0.01
+    quant: str = "int4"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from ..zoo import synthvid
+
+        for d in self.domains:
+            if d not in synthvid.DOMAINS:
+                raise InputError(f"unknown domain {d!r}; expected one of {', '.join(synthvid.DOMAINS)}")
+        for name in ("stream", "max_uplink", "eval_n", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.downlink_share <= 1:
+            raise InputError(f"downlink_share must be in (0, 1], got {self.downlink_share!r}")
+
+
+def _frames_bytes(frames: Any) -> int:
+    return int(frames.size) * int(frames.itemsize)
+
+
+def model_fp16_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's own parameters in fp16 (adapters excluded): the downlink's yardstick."""
+    return sum(2 * p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+class Device:
+    """The device: its model (with adapters), the UTS filter and (optionally) a client to the cloud."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, uts: UTS, *, batch_size: int = 25,
+                 client: Any = None) -> None:
+        from ..models import get_adapter
+
+        self.model, self.processor, self.uts, self.batch_size, self.client = model, processor, uts, batch_size, client
+        self.adapter = get_adapter(model)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in adapter_names(self.model)}
+
+    def _inputs(self, examples: Sequence[Any]) -> Any:
+        from ..zoo.model import prompt_for
+
+        return self.processor(text=[prompt_for(self.processor, e.question) for e in examples],
+                              videos=[e.frames for e in examples], return_tensors="pt", padding=True)
+
+    @torch.no_grad()
+    def answer(self, examples: Sequence[Any], progress: Callable[[int], None] | None = None
+               ) -> tuple[list[str], torch.Tensor]:
+        """Greedy answers and UTS-1 confidences of ``examples``."""
+        answers: list[str] = []
+        confidences = []
+        for start in range(0, len(examples), self.batch_size):
+            chunk = examples[start : start + self.batch_size]
+            inputs = self._inputs(chunk)
+            out = self.model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)
+            new = out.sequences[:, inputs["input_ids"].shape[1] :]
+            answers.extend(t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True))
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+            ended = torch.zeros(new.shape[0], dtype=torch.bool)
+            valid = torch.zeros(new.shape, dtype=torch.bool)
+            for t in range(new.shape[1]):  # steps up to and including each answer's end token
+                valid[:, t] = ~ended
+                ended |= torch.tensor([int(x) in eos_ids for x in new[:, t]])
+            confidences.append(self.uts.samples_to_uplink(out.logits, valid=valid)[1])
+            if progress is not None:
+                progress(len(chunk))
+        return answers, torch.cat(confidences)
+
+    @torch.no_grad()
+    def tokens(self, examples: Sequence[Any]) -> torch.Tensor:
+        """The vision-encoder tokens ``[B, N, C]`` of ``examples`` (what the uplink carries)."""
+        return torch.cat([self.adapter.uplink_tokens(self.model, self._inputs(examples[s : s + self.batch_size]))
+                          for s in range(0, len(examples), self.batch_size)])
+
+    def choose(self, confidence: torch.Tensor, limit: int) -> list[int]:
+        """UTS-1: the uncertain samples, least confident first, at most ``limit``."""
+        from ..methods.uts import uncertain_samples
+
+        mask = uncertain_samples(confidence, score=self.uts.sample_score, threshold=self.uts.threshold)
+        order = torch.argsort(confidence if self.uts.sample_score != "mean_entropy" else -confidence, stable=True)
+        return [int(i) for i in order if bool(mask[i])][:limit]
+
+    def make_uplink(self, device_id: str, round_: int, examples: Sequence[Any], answers: Sequence[str],
+                    confidence: torch.Tensor, *, mask_tokens: bool = True) -> tuple[bytes, dict[str, Any]]:
+        """UTS-2 on the chosen samples and the uplink payload (tokens in fp16)."""
+        tokens = self.tokens(examples)
+        keep = self.uts.tokens_to_keep(tokens) if mask_tokens else torch.ones(tokens.shape[:2], dtype=torch.bool)
+        up = Uplink(device_id=device_id, round=round_, sample_ids=[str(e.seed) for e in examples],
+                    tokens=tokens.to(torch.float16), keep=keep, answers=list(answers),
+                    confidences=[float(c) for c in confidence],
+                    extra={"questions": [e.question for e in examples], "domain": examples[0].domain if examples else ""})
+        return encode_uplink(up, self.uts.payload)
+
+    def apply(self, data: bytes) -> Any:
+        """Verify and apply a DWC update to the device's trainable state (all or nothing)."""
+        return dwc.apply_update(self.state(), data)
+
+
+class Cloud:
+    """The cloud's side for one device: teacher, student (device copy with adapters), DWC mirror."""
+
+    def __init__(self, device_model: torch.nn.Module, teacher: torch.nn.Module, processor: Any,
+                 akd: AKDConfig, *, budget: float = math.inf, quant: str = "int4") -> None:
+        from ..zoo.model import prompt_for
+
+        student = copy.deepcopy(device_model)
+        self.distiller = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), akd)
+        self.mirror = {n: t.detach().clone() for n, t in self.distiller.trainable_state().items()}
+        self.budget, self.quant = budget, quant
+
+    @staticmethod
+    def samples(up: Uplink) -> list[Sample]:
+        questions = up.extra.get("questions")
+        if not isinstance(questions, list) or len(questions) != len(up.sample_ids):
+            raise InputError("the uplink's manifest must carry one question per sample (extra.questions)")
+        return [Sample(str(q), up.tokens[i].float(), None, sid) for i, (q, sid) in enumerate(zip(questions, up.sample_ids))]
+
+    def adapt(self, samples: Sequence[Sample], progress: Callable[[dict[str, float]], None] | None = None
+              ) -> dict[str, Any]:
+        return self.distiller.fit(samples, progress=progress)
+
+    def update(self, round_: int) -> dwc.Encoded:
+        enc = dwc.encode_update(self.distiller.trainable_state(), self.mirror, round=round_, budget=self.budget,
+                                quant=self.quant)
+        self.mirror = enc.mirror
+        return enc
+
+
+def evaluate(model: torch.nn.Module, processor: Any, domain: str, n: int, heldout: int,
+             batch_size: int = 25) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``n`` held-out clips (held-out set ``heldout``) in ``domain``."""
+    from ..zoo import synthvid
+    from ..zoo.evaluate import answer, score
+
+    examples = [synthvid.make_example(s, domain=domain) for s in synthvid.heldout_seeds(n, heldout)]
+    return score(examples, answer(model, processor, examples, batch_size=batch_size)).as_dict()
+
+
+#: Held-out set numbers (``synthvid.heldout_seeds(n, k)``): evaluation on the source domain uses
+#: set 0 (as the rest of the package), evaluation on a shifted domain set 1, the stream of round
+#: ``r`` set ``STREAM_SET + r``: no clip is both streamed and evaluated, none was trained on.
+SOURCE_SET, TARGET_SET, STREAM_SET = 0, 1, 10
+
+
+def run_rounds(
+    device_model: torch.nn.Module,
+    teacher: torch.nn.Module,
+    processor: Any,
+    cfg: RoundsConfig,
+    variant: str,
+    *,
+    service_root: Any,
+    log: Callable[[str], None] = lambda _m: None,
+    bar: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """One run of ``variant`` over ``cfg.domains`` (one round each) through a service on loopback.
+
+    ``device_model`` is left untouched (the device works on a copy). Returns per round: the
+    device's held-out accuracy on the source and on every domain of the run, bytes up and down
+    (and their ratios to the streamed clips' raw frames and to the device model in fp16), the
+    uplinked samples' count and pseudo-label accuracy, the hash check and time per stage.
+    """
+    from ..zoo import synthvid
+    from .service.client import CloudClient
+    from .service.local import LocalService
+
+    if variant not in VARIANTS:
+        raise InputError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if bar is None:
+        from tqdm.auto import tqdm as bar  # type: ignore[no-redef]
+    eval_domains = ["source"] + [d for d in dict.fromkeys(cfg.domains) if d != "source"]
+    result: dict[str, Any] = {"variant": variant, "config": _config_dict(cfg), "rounds": []}
+
+    def evaluate_all(model: torch.nn.Module) -> dict[str, Any]:
+        return {d: evaluate(model, processor, d, cfg.eval_n, SOURCE_SET if d == "source" else TARGET_SET,
+                            cfg.batch_size)["accuracy"] for d in eval_domains}
+
+    if variant == "teacher":
+        result["initial"] = evaluate_all(teacher)
+        return result
+    model = add_adapters(copy.deepcopy(device_model), cfg.akd)
+    model.eval()
+    began = time.perf_counter()
+    result["initial"] = evaluate_all(model)
+    log(f"[{variant}] before adaptation: " + _fmt_acc(result["initial"]))
+    if variant == "none":
+        result["seconds"] = time.perf_counter() - began
+        return result
+    fp16 = model_fp16_bytes(model)
+    akd_cfg = cfg.akd
+    if variant in ("pseudo-label", "oracle"):
+        akd_cfg = AKDConfig(**{**asdict(cfg.akd), "token_kd": False, "feature_kd": False})
+    cloud = Cloud(model, teacher, processor, akd_cfg, budget=cfg.downlink_share * fp16, quant=cfg.quant)
+    with LocalService(service_root) as svc, svc.admin_client(timeout=120) as admin:
+        reg = admin.create_device(f"device-{variant}")
+        with CloudClient(svc.url, reg["token"], timeout=120) as client:
+            device = Device(model, processor, cfg.uts, batch_size=cfg.batch_size, client=client)
+            for r, domain in enumerate(cfg.domains, start=1):
+                row: dict[str, Any] = {"round": r, "domain": domain, "seconds": {}}
+                t0 = time.perf_counter()
+                stream = [synthvid.make_example(s, domain=domain) for s in synthvid.heldout_seeds(cfg.stream, STREAM_SET + r)]
+                with bar(total=len(stream), desc=f"{variant} r{r}: device answers {domain}", unit="clip",
+                         leave=False) as b:
+                    answers, conf = device.answer(stream, progress=b.update)
+                if variant in ("akd-all", "oracle"):
+                    chosen = list(range(len(stream)))
+                else:
+                    chosen = device.choose(conf, cfg.max_uplink)
+                picked = [stream[i] for i in chosen]
+                row["stream"] = len(stream)
+                row["device_stream_accuracy"] = sum(synthvid.check_answer(e, a) for e, a in zip(stream, answers)) / len(stream)
+                row["uplinked"] = len(picked)
+                row["seconds"]["device_infer"] = time.perf_counter() - t0
+                if not picked:
+                    log(f"[{variant}] round {r}: nothing uncertain to uplink")
+                    row["accuracy"] = evaluate_all(model)
+                    result["rounds"].append(row)
+                    continue
+                t0 = time.perf_counter()
+                blob, manifest = device.make_uplink(reg["device_id"], r, picked, [answers[i] for i in chosen],
+                                                    conf[chosen], mask_tokens=variant not in ("akd-all", "oracle"))
+                sent = client.upload(blob, manifest)
+                row["seconds"]["uplink"] = time.perf_counter() - t0
+                raw = sum(_frames_bytes(e.frames) for e in stream)
+                up_bytes = len(blob) + len(json.dumps(manifest, separators=(",", ":")).encode())
+                row["bytes_up"] = up_bytes
+                row["uplink_vs_raw_stream"] = up_bytes / raw
+                row["uplink_vs_raw_uplinked"] = up_bytes / sum(_frames_bytes(e.frames) for e in picked)
+
+                # -- cloud ----------------------------------------------------------------------
+                t0 = time.perf_counter()
+                info = admin.upload_info(sent["upload_id"], reg["device_id"])
+                data = admin.upload_data(sent["upload_id"], reg["device_id"])
+                up = decode_uplink(data, info["manifest"])
+                samples = cloud.samples(up)
+                if variant == "oracle":
+                    truth = {str(e.seed): e.answer for e in picked}
+                    for s in samples:
+                        s.answer = truth[s.sample_id]
+                    row["pseudo_label_accuracy"] = 1.0
+                else:
+                    with bar(total=len(samples), desc=f"{variant} r{r}: teacher labels", unit="clip", leave=False) as b:
+                        cloud.distiller.pseudo_label(samples, progress=b.update)
+                    truth = {str(e.seed): e for e in picked}
+                    row["pseudo_label_accuracy"] = sum(
+                        synthvid.check_answer(truth[s.sample_id], str(s.answer)) for s in samples) / len(samples)
+                row["seconds"]["cloud_label"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                steps = math.ceil(len(samples) / akd_cfg.batch_size) * akd_cfg.epochs
+                with bar(total=steps, desc=f"{variant} r{r}: AKD", unit="step", leave=False) as b:
+                    fit = cloud.adapt(samples, progress=lambda terms: (b.update(1), b.set_postfix(
+                        {k: f"{v:.3f}" for k, v in terms.items()})))
+                row["akd"] = {"epochs": fit["epochs"], "steps": fit["steps"]}
+                row["seconds"]["cloud_akd"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                enc = cloud.update(r)
+                admin.put_update(reg["device_id"], r, enc.data)
+                row["seconds"]["cloud_dwc"] = time.perf_counter() - t0
+                row["tensors_sent"] = len(enc.sent)
+                row["tensors_total"] = len(cloud.mirror)
+
+                # -- device pulls ------------------------------------------------------------------
+                t0 = time.perf_counter()
+                update = client.pull("latest")
+                device.apply(update)
+                row["seconds"]["device_apply"] = time.perf_counter() - t0
+                row["bytes_down"] = len(update)
+                row["downlink_vs_model_fp16"] = len(update) / fp16
+                row["device_matches_mirror"] = dwc.state_hash(device.state()) == dwc.state_hash(cloud.mirror)
+                row["accuracy"] = evaluate_all(model)
+                log(f"[{variant}] round {r} ({domain}): {_fmt_acc(row['accuracy'])}; uplinked {len(picked)}/{len(stream)} "
+                    f"({100 * row['uplink_vs_raw_stream']:.2f}% of raw frames), downlink {len(update)} B "
+                    f"({100 * row['downlink_vs_model_fp16']:.2f}% of the model), pseudo-labels "
+                    f"{100 * row['pseudo_label_accuracy']:.0f}% right")
+                result["rounds"].append(row)
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+def _fmt_acc(acc: dict[str, float]) -> str:
+    return ", ".join(f"{d} {100 * a:.1f}%" for d, a in acc.items())
+
+
+def _config_dict(cfg: RoundsConfig) -> dict[str, Any]:
+    out = asdict(cfg)
+    out["domains"] = list(cfg.domains)
+    return out
