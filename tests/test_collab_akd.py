@@ -1,0 +1,265 @@
+"""AKD (specs/cdcca.md §3), the uplinked-token path and one real round trip over a loopback service.
+
+References are computed independently of the code under test: the wavelet term against
+PyWavelets (not the differentiable library AKD uses), the cross-entropy and feature terms from
+the models' ordinary pixel forward (not the uplinked-token path), the update from the decoded
+DWC records.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("peft")
+pytest.importorskip("ptwt")
+pywt = pytest.importorskip("pywt")
+
+from tokensieve.collab import dwc  # noqa: E402
+from tokensieve.collab.akd import (  # noqa: E402
+    AKDConfig,
+    Distiller,
+    QueryKD,
+    Sample,
+    adapter_names,
+    add_adapters,
+    query_kd,
+)
+from tokensieve.errors import InputError  # noqa: E402
+from tokensieve.models import get_adapter  # noqa: E402
+from tokensieve.zoo import synthvid  # noqa: E402
+from tokensieve.zoo.model import build_model, load_embedded, prompt_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def device():
+    torch.manual_seed(0)
+    return load_embedded()
+
+
+@pytest.fixture(scope="module")
+def teacher(device):
+    model, processor = device
+    t = build_model(3, processor.tokenizer, "teacher")  # untrained: only its shapes and arithmetic matter here
+    t.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    return t.eval()
+
+
+def _clips(n, domain="dusk", heldout=5):
+    return [synthvid.make_example(s, domain=domain) for s in synthvid.heldout_seeds(n, heldout)]
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [40, 64])
+def test_query_kd_against_pywavelets(length):
+    g = torch.Generator().manual_seed(length)
+    ys = torch.randn(2, length, 3, generator=g)
+    yt = torch.randn(2, length, 5, generator=g)
+    conv = torch.nn.Conv1d(3, 5, 1)
+    spatial, freq = query_kd(ys, yt, conv)
+    # by hand: 1x1 conv = per-position linear map of channels
+    w, b = conv.weight.detach()[:, :, 0], conv.bias.detach()
+    aligned = torch.einsum("oc,blc->bol", w, ys) + b[None, :, None]  # [B, C_t, L]
+    target = yt.transpose(1, 2)
+    torch.testing.assert_close(spatial, ((aligned - target) ** 2).mean())
+    a = pywt.wavedec(aligned.double().numpy(), "db6", mode="zero", level=3, axis=-1)
+    t = pywt.wavedec(target.double().numpy(), "db6", mode="zero", level=3, axis=-1)
+    expected = sum(np.abs(x - y).mean() for x, y in zip(a[1:], t[1:]))  # detail bands only
+    assert float(freq) == pytest.approx(expected, rel=1e-5)
+    module = QueryKD(3, 5)
+    module.align_module.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(module(ys, yt), spatial + freq)
+
+
+def test_query_kd_refuses_mismatched_lengths():
+    with pytest.raises(InputError, match="one length"):
+        query_kd(torch.zeros(1, 4, 2), torch.zeros(1, 5, 2), torch.nn.Conv1d(2, 2, 1))
+
+
+def test_config_is_checked():
+    with pytest.raises(InputError, match="at least one"):
+        AKDConfig(ce=False, token_kd=False, feature_kd=False)
+    with pytest.raises(InputError, match="lora_rank"):
+        AKDConfig(lora_rank=0)
+    with pytest.raises(InputError, match="wavelet"):
+        AKDConfig(wavelet="nope")
+    with pytest.raises(InputError, match="min_lr"):
+        AKDConfig(lr=1e-4, min_lr=1e-3)
+
+
+# -- the uplinked-token path -------------------------------------------------------------------
+
+
+def test_uplinked_tokens_reproduce_the_pixel_forward(device):
+    model, processor = device
+    clips = _clips(3)
+    batch = processor(text=[prompt_for(processor, e.question) for e in clips], videos=[e.frames for e in clips],
+                      return_tensors="pt", padding=True)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        ref = model(**batch).logits  # the model's own forward from pixels
+        tokens = adapter.uplink_tokens(model, batch)
+        embeds, projected = adapter.embeds_from_uplink(model, batch["input_ids"], tokens)
+        pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        got = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=pos).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-4, rtol=1e-4)
+    assert tokens.shape == (3, synthvid.FRAMES * 64, model.config.vision_config.hidden_size)
+    assert projected.shape == (3, synthvid.FRAMES * 64, model.config.text_config.hidden_size)
+
+
+# -- adapters and the trainable set ------------------------------------------------------------
+
+
+def _expected_trainable(model):
+    """By hand: LoRA A/B, and norm weights and biases of the projector and the language model."""
+    out = []
+    for n, _ in model.named_parameters():
+        if "vision_tower" in n:
+            continue
+        if ".lora_A." in n or ".lora_B." in n:
+            out.append(n)
+        elif n.startswith("model.multi_modal_projector.") and n.endswith(".bias"):
+            out.append(n)
+        elif n.startswith("model.language_model.") and (n.endswith("norm.weight") or n.endswith(".bias")):
+            out.append(n)
+    return sorted(out)
+
+
+def test_adapters_start_as_the_identity_and_the_trainable_set_is_exact(device):
+    model, processor = device
+    student = add_adapters(copy.deepcopy(model))
+    assert adapter_names(student) == _expected_trainable(student)
+    assert any(".lora_A." in n for n in adapter_names(student))
+    assert not any("vision_tower" in n or "embed_tokens" in n or "lm_head" in n for n in adapter_names(student))
+    clips = _clips(2)
+    batch = processor(text=[prompt_for(processor, e.question) for e in clips], videos=[e.frames for e in clips],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(student(**batch).logits, model(**batch).logits)
+    with pytest.raises(InputError, match="already has LoRA"):
+        add_adapters(student)
+
+
+def _samples(model, processor, clips, answers=None):
+    batch = processor(text=[prompt_for(processor, e.question) for e in clips], videos=[e.frames for e in clips],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        tokens = get_adapter(model).uplink_tokens(model, batch)
+    answers = answers or [None] * len(clips)
+    return [Sample(e.question, tokens[i], a, str(e.seed)) for i, (e, a) in enumerate(zip(clips, answers))]
+
+
+def test_fit_changes_exactly_the_trainable_set(device, teacher):
+    model, processor = device
+    student = add_adapters(copy.deepcopy(model))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig(epochs=1, batch_size=2))
+    clips = _clips(4)
+    samples = _samples(model, processor, clips, [e.answer for e in clips])
+    report = d.fit(samples)
+    assert report["steps"] == 2 and set(report["epochs"][0]) == {"ce", "token", "feature"}
+    changed = sorted(n for n, p in student.named_parameters() if not torch.equal(p, before[n]))
+    expected = set(_expected_trainable(student))
+    assert changed and set(changed) <= expected
+    assert any(".lora_B." in n for n in changed)  # B moved off zero: the adapters learned
+    assert not any(p.requires_grad for p in student.parameters())  # left frozen after fitting
+    assert set(d.trainable_state()) == expected
+    assert not any("align_module" in n for n in d.trainable_state())  # alignment convs never ship
+    assert any("align_module" in n for n, _ in d.align.named_parameters())
+
+
+def test_loss_terms_against_the_pixel_forward(device, teacher):
+    """L_CE and L_feature from the models' ordinary forward on pixels, with the answer appended."""
+    model, processor = device
+    student = add_adapters(copy.deepcopy(model))
+    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig())
+    clips = _clips(2)
+    answers = ["red", "three"]
+    samples = _samples(model, processor, clips, answers)
+    with torch.no_grad():
+        terms = d._losses(samples)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ce_sum, count, feats = 0.0, 0, []
+    for e, a in zip(clips, answers):  # batch 1 each: no padding, the reference needs no masks
+        prompt = processor(text=[prompt_for(processor, e.question)], videos=[e.frames], return_tensors="pt")
+        ans = processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [end]
+        ids = torch.cat([prompt["input_ids"], torch.tensor([ans])], 1)
+        with torch.no_grad():  # the base models' last_hidden_state is after the final norm
+            s_h = student.model(input_ids=ids, pixel_values_videos=prompt["pixel_values_videos"]).last_hidden_state
+            t_h = teacher.model(input_ids=ids, pixel_values_videos=prompt["pixel_values_videos"]).last_hidden_state
+            logits = student.lm_head(s_h)
+        p = prompt["input_ids"].shape[1]
+        ce_sum += float(F.cross_entropy(logits[0, p - 1 : p - 1 + len(ans)], torch.tensor(ans), reduction="sum"))
+        count += len(ans)
+        feats.append((s_h, t_h))
+    assert float(terms["ce"]) == pytest.approx(ce_sum / count, rel=1e-4)
+    conv = d.align["feature"].align_module
+    expected = np.mean([float(sum(query_kd(s, t, conv))) for s, t in feats])
+    assert float(terms["feature"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_distiller_refuses_a_student_without_adapters(device, teacher):
+    model, processor = device
+    with pytest.raises(InputError, match="no adapters"):
+        Distiller(copy.deepcopy(model), teacher, processor, lambda q: q)
+
+
+# -- one round over the real service -----------------------------------------------------------
+
+
+def test_one_round_trip_over_a_loopback_service(device, teacher, tmp_path):
+    """Device answers, uplinks over HTTP; cloud labels, distils, publishes; the device's weights
+    then differ from before by exactly the decoded update and hash to the cloud's mirror."""
+    from tokensieve.collab.rounds import Cloud, Device
+    from tokensieve.collab.service.client import CloudClient
+    from tokensieve.collab.service.local import LocalService
+    from tokensieve.collab.uplink import decode_uplink
+    from tokensieve.methods.uts import UTS
+
+    model, processor = device
+    cfg = AKDConfig(epochs=1, batch_size=4)
+    dev_model = add_adapters(copy.deepcopy(model), cfg)
+    cloud = Cloud(dev_model, teacher, processor, cfg, budget=40_000)
+    with LocalService(tmp_path / "svc") as svc, svc.admin_client() as admin:
+        reg = admin.create_device("camera")
+        with CloudClient(svc.url, reg["token"]) as client:
+            dev = Device(dev_model, processor, UTS(temperature=1.0, threshold=1.01, mask_ratio=0.5,
+                                                   payload="sparse", scope="per_sample"), batch_size=4)
+            stream = _clips(6, heldout=7)
+            answers, conf = dev.answer(stream)
+            chosen = dev.choose(conf, 4)
+            assert len(chosen) == 4 and [float(conf[i]) for i in chosen] == sorted(float(conf[i]) for i in chosen)
+            picked = [stream[i] for i in chosen]
+            blob, manifest = dev.make_uplink(reg["device_id"], 1, picked, [answers[i] for i in chosen], conf[chosen])
+            sent = client.upload(blob, manifest)
+            up = decode_uplink(admin.upload_data(sent["upload_id"], reg["device_id"]),
+                               admin.upload_info(sent["upload_id"], reg["device_id"])["manifest"])
+            assert int(up.keep.sum()) == 4 * (up.tokens.shape[1] // 2)  # UTS-2 kept half of each
+            samples = cloud.samples(up)
+            labels = cloud.distiller.pseudo_label(samples)
+            assert all(s.answer == lab for s, lab in zip(samples, labels))
+            cloud.adapt(samples)
+            enc = cloud.update(1)
+            admin.put_update(reg["device_id"], 1, enc.data)
+            before = {n: t.detach().clone() for n, t in dev.state().items()}
+            data = client.pull("latest")
+            assert data == enc.data
+            dev.apply(data)
+    decoded = dwc.decode_update(data)
+    assert decoded.records, "the update is empty"
+    after = dev.state()
+    for rec in decoded.records:  # by hand: old + dequantised delta at the record's positions
+        expected = before[rec.name].float().flatten().clone()
+        idx = torch.arange(expected.numel()) if rec.positions is None else rec.positions.long()
+        expected[idx] += rec.values().float()
+        torch.testing.assert_close(after[rec.name].float().flatten(), expected.to(before[rec.name].dtype).float())
+    untouched = set(before) - {r.name for r in decoded.records}
+    assert all(torch.equal(after[n], before[n]) for n in untouched)
+    assert dwc.state_hash(after) == dwc.state_hash(cloud.mirror)
