@@ -361,3 +361,52 @@ def test_family_weights_argument_is_checked(text: str, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--family-weights", text])
     assert "needle,count,order,position,attribute" in capsys.readouterr().err
+
+
+def test_teacher_recipe_shares_the_vision_tower_and_masks_like_an_uplink(tmp_path: Path) -> None:
+    """``--teacher`` trains the larger decoder on the device's vision tower, bit for bit; with
+    ``--mask-augment`` the projector sees exactly the UTS-kept tokens of the masked clips."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tokensieve.zoo import train as train_mod
+    from tokensieve.zoo.model import EMBEDDED_DIR, TEACHER_TEXT
+
+    out = tmp_path / "teacher"
+    assert train_mod.main(["--teacher", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--threads", "1",
+                           "--eval-n", "0", "--checkpoint-every", "0", "--out", str(out)]) == 0
+    model, _ = load_model(out)
+    assert model.config.text_config.hidden_size == TEACHER_TEXT["hidden_size"]
+    assert model.config.text_config.num_hidden_layers == TEACHER_TEXT["num_hidden_layers"]
+    device = load_file(str(EMBEDDED_DIR / "model.safetensors"))
+    teacher = load_file(str(out / "model.safetensors"))
+    tower = [k for k in device if "vision_tower" in k]
+    assert tower and all(torch.equal(device[k], teacher[k]) for k in tower)
+
+    masker = train_mod._UplinkMask(model, 1.0)
+    masker.draw(0, 0, 2)
+    seen = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    x = torch.randn(2 * 3, 4, 96)  # 2 clips of 3 frames of 4 patches, the tower's 96 channels
+    model.model.multi_modal_projector(x)
+    hook.remove()
+    masker.hook.remove()
+    for clip, ratio in zip(range(2), masker.ratios):
+        kept = seen[0][clip * 3 : (clip + 1) * 3].reshape(-1, 96)
+        orig = x[clip * 3 : (clip + 1) * 3].reshape(-1, 96)
+        nonzero = kept.abs().sum(-1) > 0
+        n_keep = int(np.floor((1 - ratio) * 12 + 1e-12))
+        assert int(nonzero.sum()) == n_keep
+        # the kept ones are the lowest mean squares, untouched
+        order = orig.square().mean(-1).argsort(stable=True)
+        assert set(order[:n_keep].tolist()) == set(nonzero.nonzero().flatten().tolist())
+        assert torch.equal(kept[nonzero], orig[nonzero])
+
+
+def test_domain_weights_draw_only_the_weighted_domains() -> None:
+    from tokensieve.zoo.train import step_domains
+
+    assert step_domains(0, 5, 8, [1, 0, 0]) == ["source"] * 8
+    drawn = {d for step in range(20) for d in step_domains(0, step, 8, [0, 1, 1])}
+    assert drawn == {"dusk", "fog"}
+    assert step_domains(0, 5, 8, [1, 1, 1]) == step_domains(0, 5, 8, [1, 1, 1])

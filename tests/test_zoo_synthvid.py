@@ -162,3 +162,44 @@ def test_questions_use_known_words() -> None:
         ex = make_example(s)
         assert set(ex.question.split()) <= vocab
         assert ex.answer in vocab
+
+
+# -- domains (distribution shifts for the cloud-device collaboration) ---------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(seeds)
+def test_a_shifted_clip_is_the_same_scene_in_other_light(seed: int) -> None:
+    src = make_example(seed)
+    assert np.array_equal(make_example(seed, domain="source").frames, src.frames)  # source is unchanged
+    for domain in ("dusk", "fog"):
+        a, b = make_example(seed, domain=domain), make_example(seed, domain=domain)
+        assert np.array_equal(a.frames, b.frames) and a.domain == domain  # deterministic
+        assert (a.question, a.answer, a.cuts) == (src.question, src.answer, src.cuts)
+        assert a.objects == src.objects
+        assert not np.array_equal(a.frames, src.frames)
+
+
+def test_shifts_by_hand() -> None:
+    """Dusk: channel gains plus noise; fog: a [1,2,1] blur towards a bright haze. Checked on the
+    means, which the zero-mean noise leaves alone (up to clipping, which a mid-grey clip avoids)."""
+    frames = np.full((2, 8, 8, 3), 100, np.uint8)
+    frames[:, 4:, :, 0] = 200
+    dusk = synthvid.shift_frames(frames, "dusk", 3).astype(np.float64)
+    means = dusk.reshape(-1, 3).mean(0)
+    expected = frames.reshape(-1, 3).mean(0) * np.array([0.75, 0.55, 0.45])
+    assert np.allclose(means, expected, atol=1.0)
+    fog = synthvid.shift_frames(frames, "fog", 3).astype(np.float64)
+    assert np.allclose(fog[:, :, :, 1].mean(), 0.45 * 100 + 0.55 * 160, atol=1.0)
+    # blur: the red step at row 4 is spread over rows 3 and 4 (rows 0-2 and 5-7 keep their level)
+    red = fog[..., 0].mean(axis=(0, 2))
+    assert abs(red[0] - (0.45 * 100 + 88)) < 2 and abs(red[7] - (0.45 * 200 + 88)) < 2
+    assert abs(red[3] - (0.45 * 125 + 88)) < 2 and abs(red[4] - (0.45 * 175 + 88)) < 2
+    assert synthvid.shift_frames(frames, "source", 3) is frames
+
+
+def test_unknown_domain_is_refused() -> None:
+    with pytest.raises(ValueError, match="dusk"):
+        make_example(1, domain="night")
+    with pytest.raises(ValueError, match="dusk"):
+        synthvid.shift_frames(np.zeros((1, 2, 2, 3), np.uint8), "night", 0)

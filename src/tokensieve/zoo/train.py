@@ -129,6 +129,15 @@ def _non_negative(text: str) -> float:
     return value
 
 
+#: The cloud teacher's recipe: the device's vision tower, fixed; the larger decoder and its own
+#: projector trained on every domain, half the clips masked as an uplink masks them.
+TEACHER_RECIPE = ("--size", "teacher", "--vision-steps", "0", "--steps", "1400", "--domains", "1,1,1",
+                  "--mask-augment", "0.5")
+#: ``python -m tokensieve.zoo.train --teacher`` = these arguments.
+TEACHER_ARGS = TEACHER_RECIPE + ("--vision-from", str(EMBEDDED_DIR), "--out", str(TEACHER_DIR),
+                                 "--checkpoint-dir", "teacher-checkpoints")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tokensieve.zoo.train",
@@ -169,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how often each family is drawn, in the order "
                         f"{','.join(synthvid.FAMILIES)} (default: {','.join(f'{w:g}' for w in FAMILY_WEIGHTS)})")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--teacher", action="store_true",
+                        help="train the cloud teacher instead: " + " ".join(TEACHER_RECIPE) + " with the shipped "
+                        "device's vision tower, written to the package's teacher/ (options given too override these)")
     parser.add_argument("--size", choices=sorted(SIZES), default="device",
                         help="decoder size: the embedded device model or the larger cloud teacher (default: %(default)s)")
     parser.add_argument("--vision-from", default=None, metavar="PATH",
@@ -185,10 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The cloud teacher's recipe: ``python -m tokensieve.zoo.train`` with these arguments.
-TEACHER_ARGS = ("--size", "teacher", "--vision-from", str(EMBEDDED_DIR), "--vision-steps", "0",
-                "--steps", "1400", "--domains", "1,1,1", "--mask-augment", "0.5", "--out", str(TEACHER_DIR),
-                "--checkpoint-dir", "teacher-checkpoints")
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,6 +753,9 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--teacher" in argv:  # the recipe first, so that options given on the command line override it
+        argv = list(TEACHER_ARGS) + argv
     cfg = build_parser().parse_args(argv, namespace=TrainConfig())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
