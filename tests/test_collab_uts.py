@@ -110,8 +110,8 @@ def test_uplink_round_trip_and_refusals(payload):
     bad[-1] ^= 1
     with pytest.raises(UplinkError, match="SHA-256"):
         decode_uplink(bytes(bad), manifest)
-    lying = dict(manifest, token_slots=[[0], [1]])
-    with pytest.raises(UplinkError, match="token slots"):
+    lying = dict(manifest, kept_per_sample=[1, 1])
+    with pytest.raises(UplinkError, match="kept-token counts"):
         decode_uplink(blob, lying)
 
 

@@ -98,6 +98,12 @@ class AKDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"AKD {name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0 or self.clip_grad <= 0:
+            raise InputError(f"AKD lr and clip_grad must be > 0, got lr={self.lr!r} clip_grad={self.clip_grad!r}")
+        try:
+            re.compile(self.lora_targets)
+        except (re.error, TypeError) as exc:
+            raise InputError(f"AKD lora_targets is not a regular expression: {exc}") from None
         if self.min_lr > self.lr:
             raise InputError(f"AKD min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if not (self.ce or self.token_kd or self.feature_kd):
@@ -130,15 +136,28 @@ def add_adapters(model: torch.nn.Module, cfg: AKDConfig | None = None) -> torch.
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                         target_modules=cfg.lora_targets, bias="none")
     # The seeded generator makes LoRA A (random) identical on every side that adds adapters.
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(cfg.seed)
-        inject_adapter_in_model(config, model)
-    finally:
-        torch.random.set_rng_state(state)
-    if not any("lora_" in n for n, _ in model.named_parameters()):
-        raise InputError(f"no linear layer of this model matches the LoRA targets {cfg.lora_targets!r}")
+    with _seeded(cfg.seed):
+        try:
+            inject_adapter_in_model(config, model)
+        except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+            raise InputError(f"no linear layer of this model matches the LoRA targets {cfg.lora_targets!r}: {exc}") from None
     return model
+
+
+def _seeded(seed: int) -> Any:
+    """Seed torch's generators for a block and restore them after (CPU and any CUDA devices)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    ctx = torch.random.fork_rng(devices=devices)
+
+    class _Ctx:
+        def __enter__(self) -> None:
+            ctx.__enter__()
+            torch.manual_seed(seed)
+
+        def __exit__(self, *exc: Any) -> None:
+            ctx.__exit__(*exc)
+
+    return _Ctx()
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:
@@ -210,25 +229,9 @@ class Sample:
     tokens: torch.Tensor
     answer: str | None = None
     sample_id: str = ""
-
-
-def _final_norm(lm: torch.nn.Module) -> torch.nn.Module:
-    norm = getattr(lm, "norm", None)
-    if not isinstance(norm, torch.nn.Module):
-        raise InputError("AKD's feature term reads the language model's final norm (`norm`), which this model lacks")
-    return norm
-
-
-class _Capture:
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, _m: Any, _i: Any, out: Any) -> None:
-        self.value = out
-
-    def close(self) -> None:
-        self.handle.remove()
+    #: the answer's token ids as taught (set by :meth:`Distiller.pseudo_label`: the teacher's
+    #: generated ids up to and including its end-of-turn token); ``None``: ``answer`` + end token
+    answer_ids: list[int] | None = None
 
 
 class Distiller:
@@ -253,13 +256,10 @@ class Distiller:
             raise InputError("the student has no adapters: build it with add_adapters(copy_of_device_model)")
         s_dim = student.config.text_config.hidden_size
         t_dim = teacher.config.text_config.hidden_size
-        generator_state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(self.cfg.seed + 1)
+        with _seeded(self.cfg.seed + 1):
             kw = {"wavelet": self.cfg.wavelet, "levels": self.cfg.levels, "mode": self.cfg.wavelet_mode}
             self.align = torch.nn.ModuleDict({"token": QueryKD(s_dim, t_dim, **kw), "feature": QueryKD(s_dim, t_dim, **kw)})
-        finally:
-            torch.random.set_rng_state(generator_state)
+        self.align.to(next(student.parameters()).device)
         self.end_id = self._end_id()
 
     # -- inputs ------------------------------------------------------------------------------
@@ -275,6 +275,9 @@ class Distiller:
         """Left-padded prompt ids and mask, with each video placeholder expanded for its tokens."""
         import numpy as np
 
+        shapes = {tuple(s.tokens.shape) for s in samples}
+        if len(shapes) != 1:
+            raise InputError(f"the samples of one batch must have tokens of one shape [N, C], got {sorted(shapes)}")
         frames = self.adapter.uplink_frames(self.student, int(samples[0].tokens.shape[0]))
         side = int(self.student.config.vision_config.image_size)
         blank = np.zeros((frames, side, side, 3), np.uint8)  # only sizes the placeholders; never encoded
@@ -305,18 +308,17 @@ class Distiller:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
-    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokens: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(logits, projected uplink tokens, final normed hidden states)`` of ``model`` on the batch."""
-        capture = _Capture(_final_norm(self.adapter.language_model(model)))
-        try:
-            embeds, projected = self.adapter.embeds_from_uplink(model, batch["input_ids"], tokens)
-            out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], use_cache=False)
-        finally:
-            capture.close()
-        assert capture.value is not None
-        return out.logits, projected, capture.value
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokens: torch.Tensor, *,
+                 logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(logits or None, projected uplink tokens, final normed hidden states)`` of ``model``.
+
+        The base model's ``last_hidden_state`` is the decoder's output after its final norm."""
+        embeds, projected = self.adapter.embeds_from_uplink(model, batch["input_ids"], tokens)
+        device = embeds.device
+        out = model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                          position_ids=batch["position_ids"].to(device), use_cache=False)
+        hidden = out.last_hidden_state
+        return (model.lm_head(hidden) if logits else None), projected, hidden
 
     # -- the cloud's steps -------------------------------------------------------------------
 
@@ -333,8 +335,9 @@ class Distiller:
             gen = self.teacher.generate(inputs_embeds=embeds, attention_mask=prompts["attention_mask"],
                                         max_new_tokens=max_new_tokens, do_sample=False)
             texts = [t.strip() for t in self.processor.batch_decode(gen, skip_special_tokens=True)]
-            for s, t in zip(chunk, texts):
+            for s, t, ids in zip(chunk, texts, gen.tolist()):
                 s.answer = t
+                s.answer_ids = ids[: ids.index(self.end_id) + 1] if self.end_id in ids else ids
             out.extend(texts)
             if progress is not None:
                 progress(len(chunk))
@@ -398,17 +401,19 @@ class Distiller:
 
     def _losses(self, chunk: Sequence[Sample]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        answers = [self._answer_ids(str(s.answer)) for s in chunk]
+        answers = [s.answer_ids if s.answer_ids is not None else self._answer_ids(str(s.answer)) for s in chunk]
         batch = self._with_answers(self._prompts(chunk), answers)
         tokens = torch.stack([s.tokens for s in chunk]).float()
-        logits, projected, hidden = self._forward(self.student, batch, tokens)
+        logits, projected, hidden = self._forward(self.student, batch, tokens, logits=cfg.ce)
         terms: dict[str, torch.Tensor] = {}
         if cfg.ce:
+            assert logits is not None
             labels = batch["labels"]
-            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device),
+                                          ignore_index=-100)
         if cfg.token_kd or cfg.feature_kd:
             with torch.no_grad():
-                _, t_projected, t_hidden = self._forward(self.teacher, batch, tokens)
+                _, t_projected, t_hidden = self._forward(self.teacher, batch, tokens, logits=False)
             if cfg.token_kd:
                 terms["token"] = self.align["token"](projected, t_projected)
             if cfg.feature_kd:

@@ -21,12 +21,13 @@ from .._argtypes import positive_int
 from ..errors import InputError
 
 #: What ``bench collab`` compares by default (every variant of :data:`rounds.VARIANTS`).
-BENCH_VARIANTS = ("none", "pseudo-label", "akd", "akd-all", "oracle", "teacher")
+BENCH_VARIANTS = ("none", "pseudo-label", "akd", "akd-no-replay", "akd-all", "oracle", "teacher")
 
 LABELS = {
     "none": "no adaptation",
     "pseudo-label": "pseudo-labels only (L_CE)",
     "akd": "AKD (UTS uplink)",
+    "akd-no-replay": "AKD without source replay",
     "akd-all": "AKD, everything uplinked (no UTS)",
     "oracle": "true target labels (upper bound)",
     "teacher": "cloud teacher",
@@ -87,18 +88,34 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"what to compare (default: {','.join(BENCH_VARIANTS)})")
 
 
+def _require_extras() -> None:
+    import importlib.util
+
+    missing = [m for m in ("peft", "ptwt", "pywt", "httpx", "fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"the cloud-device collaboration needs {', '.join(missing)}: pip install 'tokensieve[collab]'")
+
+
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
-    from ..zoo.model import TEACHER_DIR, load_embedded, load_model
+    from ..zoo.model import load_embedded, load_model, load_teacher
 
     torch.set_num_threads(args.threads)
     device_model, processor = load_embedded()
-    teacher, _ = load_model(args.teacher or TEACHER_DIR)
+    teacher = load_model(args.teacher)[0] if args.teacher else load_teacher()[0]
+    own = device_model.model.vision_tower.state_dict()
+    theirs = teacher.model.vision_tower.state_dict() if hasattr(teacher, "model") else {}
+    if own.keys() != theirs.keys() or any(not torch.equal(own[k], theirs[k]) for k in own):
+        raise InputError("the teacher must share the device's vision encoder (it reads the tokens the device "
+                         "uplinks); this one's differs")
+    if teacher.config.text_config.vocab_size != device_model.config.text_config.vocab_size:
+        raise InputError("the teacher must share the device's tokenizer; its vocabulary differs")
     return device_model, teacher, processor
 
 
 def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str, Any]:
+    _require_extras()
     from transformers.utils import logging as hf_logging
 
     from .akd import AKDConfig

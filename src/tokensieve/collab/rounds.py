@@ -15,8 +15,10 @@ Each round:
    applies it; its trainable state then hashes to the cloud's mirror.
 
 A *variant* changes one thing, for the comparison (``tokensieve bench collab``):
-``akd`` (all of the above), ``pseudo-label`` (L_CE only), ``akd-all`` (no UTS: every streamed
-clip and every token goes up), ``oracle`` (the device's adapters trained on the true answers of
+``akd`` (all of the above), ``pseudo-label`` (L_CE only), ``akd-no-replay`` (AKD on the
+uplinked samples alone, as the paper; by default the cloud mixes in as many of its own
+source-domain clips, labelled by the teacher, so the device does not forget the source),
+``akd-all`` (no UTS: every streamed clip and every token goes up), ``oracle`` (the device's adapters trained on the true answers of
 every streamed clip: an upper bound), ``none`` (no adaptation) and ``teacher`` (the teacher's own
 accuracy).
 """
@@ -40,12 +42,12 @@ from .uplink import Uplink, decode_uplink, encode_uplink
 
 __all__ = ["VARIANTS", "Cloud", "Device", "RoundsConfig", "run_rounds"]
 
-VARIANTS = ("none", "pseudo-label", "akd", "akd-all", "oracle", "teacher")
+VARIANTS = ("none", "pseudo-label", "akd", "akd-no-replay", "akd-all", "oracle", "teacher")
 
 
 @dataclass
 class RoundsConfig:
-    """What a run does (defaults: ``tokensieve collab demo``)."""
+    """What a run does (the commands in :mod:`tokensieve.collab.demo` set their own stream sizes)."""
 
     domains: tuple[str, ...] = ("dusk",)
     stream: int = 1000
@@ -57,6 +59,7 @@ class RoundsConfig:
     akd: AKDConfig = field(default_factory=AKDConfig)
     downlink_share: float = 0.01
     quant: str = "int4"
+    replay: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,8 +72,13 @@ class RoundsConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 < self.downlink_share <= 1:
+        if isinstance(self.downlink_share, bool) or not isinstance(self.downlink_share, (int, float)) \
+                or not 0 < self.downlink_share <= 1:
             raise InputError(f"downlink_share must be in (0, 1], got {self.downlink_share!r}")
+        if self.quant not in dwc.QUANTS:
+            raise InputError(f"quant must be one of {', '.join(dwc.QUANTS)}, got {self.quant!r}")
+        if not (isinstance(self.replay, (int, float)) and 0 <= self.replay <= 10):
+            raise InputError(f"replay must be a number of replayed clips per uplinked one in [0, 10], got {self.replay!r}")
 
 
 def _frames_bytes(frames: Any) -> int:
@@ -145,7 +153,13 @@ class Device:
                     confidence: torch.Tensor, *, mask_tokens: bool = True) -> tuple[bytes, dict[str, Any]]:
         """UTS-2 on the chosen samples and the uplink payload (tokens in fp16)."""
         tokens = self.tokens(examples)
-        keep = self.uts.tokens_to_keep(tokens) if mask_tokens else torch.ones(tokens.shape[:2], dtype=torch.bool)
+        if not mask_tokens:
+            keep = torch.ones(tokens.shape[:2], dtype=torch.bool)
+        elif self.uts.scope == "per_sample":  # in chunks: MC dropout holds `samples` copies of what it scores
+            keep = torch.cat([self.uts.tokens_to_keep(tokens[s : s + self.batch_size])
+                              for s in range(0, len(tokens), self.batch_size)])
+        else:
+            keep = self.uts.tokens_to_keep(tokens)
         up = Uplink(device_id=device_id, round=round_, sample_ids=[str(e.seed) for e in examples],
                     tokens=tokens.to(torch.float16), keep=keep, answers=list(answers),
                     confidences=[float(c) for c in confidence],
@@ -168,6 +182,24 @@ class Cloud:
         self.distiller = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), akd)
         self.mirror = {n: t.detach().clone() for n, t in self.distiller.trainable_state().items()}
         self.budget, self.quant = budget, quant
+
+    @torch.no_grad()
+    def replay_samples(self, examples: Sequence[Any], batch_size: int = 25) -> list[Sample]:
+        """Samples of the cloud's own source-domain clips (the data the device was trained on):
+        whole token sets through the shared vision encoder, to be labelled by the teacher like
+        the uplinked ones and mixed in so the student keeps what it knew (experience replay)."""
+        from ..zoo.model import prompt_for
+
+        teacher, processor = self.distiller.teacher, self.distiller.processor
+        adapter = self.distiller.adapter
+        out: list[Sample] = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = processor(text=[prompt_for(processor, e.question) for e in chunk], videos=[e.frames for e in chunk],
+                              return_tensors="pt", padding=True)
+            tokens = adapter.uplink_tokens(teacher, batch)
+            out.extend(Sample(e.question, tokens[i], None, f"replay-{e.seed}") for i, e in enumerate(chunk))
+        return out
 
     @staticmethod
     def samples(up: Uplink) -> list[Sample]:
@@ -201,6 +233,8 @@ def evaluate(model: torch.nn.Module, processor: Any, domain: str, n: int, heldou
 #: set 0 (as the rest of the package), evaluation on a shifted domain set 1, the stream of round
 #: ``r`` set ``STREAM_SET + r``: no clip is both streamed and evaluated, none was trained on.
 SOURCE_SET, TARGET_SET, STREAM_SET = 0, 1, 10
+#: First training seed of the cloud's replayed source clips (round ``r`` starts ``r``·100,000 later).
+REPLAY_START = 900_000_000
 
 
 def run_rounds(
@@ -252,7 +286,9 @@ def run_rounds(
     if variant in ("pseudo-label", "oracle"):
         akd_cfg = AKDConfig(**{**asdict(cfg.akd), "token_kd": False, "feature_kd": False})
     cloud = Cloud(model, teacher, processor, akd_cfg, budget=cfg.downlink_share * fp16, quant=cfg.quant)
-    with LocalService(service_root) as svc, svc.admin_client(timeout=120) as admin:
+    # Room for the variants that uplink every clip whole (hundreds of MB); the defaults suit UTS.
+    limits = {"max_body": 4 << 30, "device_quota": 16 << 30}
+    with LocalService(service_root, **limits) as svc, svc.admin_client(timeout=120) as admin:
         reg = admin.create_device(f"device-{variant}")
         with CloudClient(svc.url, reg["token"], timeout=120) as client:
             device = Device(model, processor, cfg.uts, batch_size=cfg.batch_size, client=client)
@@ -305,6 +341,18 @@ def run_rounds(
                     truth = {str(e.seed): e for e in picked}
                     row["pseudo_label_accuracy"] = sum(
                         synthvid.check_answer(truth[s.sample_id], str(s.answer)) for s in samples) / len(samples)
+                # as many replayed clips per uplinked one as cfg.replay says, at most that many per max_uplink
+                n_replay = 0 if variant == "akd-no-replay" else int(round(cfg.replay * min(len(samples), cfg.max_uplink)))
+                if n_replay:
+                    first = REPLAY_START + r * 100_000
+                    replay = cloud.replay_samples([synthvid.make_example(s) for s in synthvid.train_seeds(first, n_replay)])
+                    if variant == "oracle":
+                        for s in replay:
+                            s.answer = synthvid.make_example(int(s.sample_id.split("-")[1])).answer
+                    else:
+                        cloud.distiller.pseudo_label(replay)
+                    samples = samples + replay
+                row["replayed"] = n_replay
                 row["seconds"]["cloud_label"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 steps = math.ceil(len(samples) / akd_cfg.batch_size) * akd_cfg.epochs

@@ -2,7 +2,7 @@
 
 Tensors travel as `safetensors <https://github.com/huggingface/safetensors>`_ bytes (never
 pickle: the receiving side must not execute anything it is sent) next to a small JSON manifest
-(device id, round, sample ids, token slots, the device's answers and confidences, every tensor's
+(device id, round, sample ids, kept tokens per sample, the device's answers and confidences, every tensor's
 shape and dtype, and the SHA-256 of the tensor bytes). :func:`decode_uplink` checks all of it
 and raises :class:`UplinkError` on anything that does not match.
 
@@ -69,7 +69,9 @@ def encode_uplink(up: Uplink, payload: str = "sparse") -> tuple[bytes, dict[str,
         "round": int(up.round),
         "payload": payload,
         "sample_ids": [str(s) for s in up.sample_ids],
-        "token_slots": [keep[b].nonzero(as_tuple=True)[0].tolist() for b in range(B)],
+        # per sample, how many tokens it keeps (the slots themselves are the `keep` tensor: listing
+        # them here would make the manifest grow with every token)
+        "kept_per_sample": keep.sum(dim=1).tolist(),
         "shape": list(tokens.shape),
         "answers": list(up.answers),
         "confidences": [float(c) for c in up.confidences],
@@ -119,9 +121,8 @@ def decode_uplink(blob: bytes, manifest: dict[str, Any] | str | bytes) -> Uplink
     if tuple(keep.shape) != (B, N) or keep.dtype != torch.uint8 or bool((keep > 1).any()) or len(sample_ids) != B:
         raise UplinkError("the keep mask does not match the manifest's shape and samples")
     keep = keep.bool()
-    slots = manifest.get("token_slots")
-    if slots != [keep[b].nonzero(as_tuple=True)[0].tolist() for b in range(B)]:
-        raise UplinkError("the manifest's token slots do not match the keep mask")
+    if manifest.get("kept_per_sample") != keep.sum(dim=1).tolist():
+        raise UplinkError("the manifest's kept-token counts do not match the keep mask")
     tok = tensors["tokens"]
     if manifest.get("payload") == "sparse":
         if tuple(tok.shape) != (int(keep.sum()), C):

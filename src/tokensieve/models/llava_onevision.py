@@ -159,6 +159,11 @@ class LlavaOnevisionAdapter(Adapter):
         if tokens.dim() != 3:
             raise InputError(f"uplinked tokens must be [V, N, C], got shape {tuple(tokens.shape)}")
         v, n, c = tokens.shape
+        expected = int(model.config.vision_config.hidden_size)
+        if c != expected:
+            raise InputError(f"uplinked tokens have {c} channels; this model's vision encoder gives {expected}")
+        weight = next(inner.multi_modal_projector.parameters())
+        tokens = tokens.to(weight.device, weight.dtype)
         frames = self.uplink_frames(model, n)
         projected = inner.multi_modal_projector(tokens.reshape(v * frames, n // frames, c))  # as get_video_features
         pooled = inner.apply_pooling(projected).reshape(v, -1, projected.shape[-1])

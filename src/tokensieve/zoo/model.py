@@ -73,11 +73,12 @@ TEXT = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     "tie_word_embeddings": False,
 }
-#: The cloud teacher's decoder (``tokensieve collab``): the device's architecture, 1.5× wider and
-#: deeper (head size unchanged). It shares the device's vision tower, so it reads the very tokens
-#: a device uplinks, and has its own projector.
-TEACHER_TEXT = dict(TEXT, hidden_size=192, intermediate_size=576, num_hidden_layers=6,
-                    num_attention_heads=6, num_key_value_heads=6)
+#: The cloud teacher's decoder (``tokensieve collab``): the device's, twice as deep. It shares
+#: the device's vision tower, so it reads the very tokens a device uplinks, and has its own
+#: projector. It is grown from the device (``python -m tokensieve.zoo.train --teacher``): the
+#: first four layers, embeddings, projector and head start as the device's, the four new layers
+#: as the identity.
+TEACHER_TEXT = dict(TEXT, num_hidden_layers=8)
 #: Model sizes :func:`build_model` knows: the device (the embedded model) and the cloud teacher.
 SIZES = {"device": TEXT, "teacher": TEACHER_TEXT}
 
@@ -263,7 +264,7 @@ def load_teacher(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     if not (TEACHER_DIR / "config.json").is_file():
         raise InputError(
             f"the cloud teacher is missing from {TEACHER_DIR}; train it with "
-            "`python -m tokensieve.zoo.train --size teacher`"
+            "`python -m tokensieve.zoo.train --teacher`"
         )
     return load_model(TEACHER_DIR, attn_implementation)
 

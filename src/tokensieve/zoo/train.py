@@ -74,6 +74,7 @@ class TrainConfig(argparse.Namespace):
     family_weights: list[float] | None
     size: str
     vision_from: str | None
+    grow_from: str | None
     domain_weights: list[float]
     mask_augment: float
 
@@ -131,10 +132,10 @@ def _non_negative(text: str) -> float:
 
 #: The cloud teacher's recipe: the device's vision tower, fixed; the larger decoder and its own
 #: projector trained on every domain, half the clips masked as an uplink masks them.
-TEACHER_RECIPE = ("--size", "teacher", "--vision-steps", "0", "--steps", "1400", "--domains", "1,1,1",
-                  "--mask-augment", "0.5")
+TEACHER_RECIPE = ("--size", "teacher", "--vision-steps", "0", "--steps", "800", "--lr", "1e-3", "--warmup", "50",
+                  "--domains", "1,1,1", "--mask-augment", "0.5")
 #: ``python -m tokensieve.zoo.train --teacher`` = these arguments.
-TEACHER_ARGS = TEACHER_RECIPE + ("--vision-from", str(EMBEDDED_DIR), "--out", str(TEACHER_DIR),
+TEACHER_ARGS = TEACHER_RECIPE + ("--grow-from", str(EMBEDDED_DIR), "--out", str(TEACHER_DIR),
                                  "--checkpoint-dir", "teacher-checkpoints")
 
 
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "device's vision tower, written to the package's teacher/ (options given too override these)")
     parser.add_argument("--size", choices=sorted(SIZES), default="device",
                         help="decoder size: the embedded device model or the larger cloud teacher (default: %(default)s)")
+    parser.add_argument("--grow-from", default=None, metavar="PATH",
+                        help="start from the model saved in PATH (same width, fewer layers): every weight it has is "
+                        "copied, the extra decoder layers start as the identity (their output projections zero); "
+                        "its vision tower stays fixed. Use with --vision-steps 0")
     parser.add_argument("--vision-from", default=None, metavar="PATH",
                         help="take the vision tower from the model saved in PATH and keep it fixed (the teacher "
                         "shares the device's); use with --vision-steps 0")
@@ -620,6 +625,29 @@ def _checkpoint(cfg: TrainConfig, directory: Path, done: int, model: Any, probe:
             old.unlink()
 
 
+def _grow(model: Any, path: str) -> None:
+    """Copy every weight of the model saved in ``path`` into ``model`` (same width, at least as many
+    decoder layers); the layers it lacks become the identity (attention and MLP output projections
+    zero, so each adds nothing to the residual stream until it learns to)."""
+    import torch
+
+    from .model import load_model
+
+    donor, _ = load_model(path)
+    have = donor.state_dict()
+    own = model.state_dict()
+    missing = [k for k in have if k not in own or own[k].shape != have[k].shape]
+    if missing:
+        raise SystemExit(f"--grow-from {path}: its weights do not fit this model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for k, v in have.items():
+            own[k].copy_(v)
+        for i, layer in enumerate(model.model.language_model.layers):
+            if i >= donor.config.text_config.num_hidden_layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training as configured; returns the output directory."""
     import torch
@@ -632,6 +660,11 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     model = build_model(cfg.seed, tokenizer, cfg.size)
+    if cfg.grow_from:
+        _grow(model, cfg.grow_from)
+        cfg.freeze_vision = True
+        if cfg.vision_steps:
+            raise SystemExit("--grow-from starts from a trained model: use it with --vision-steps 0")
     if cfg.vision_from:
         from .model import load_model
 

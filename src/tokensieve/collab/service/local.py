@@ -27,7 +27,11 @@ __all__ = ["LocalService"]
 class LocalService:
     """Start the service on ``127.0.0.1`` (a free port) with its state under ``root``; stop it on exit."""
 
-    def __init__(self, root: str | Path, *, start_timeout: float = 60.0) -> None:
+    def __init__(self, root: str | Path, *, start_timeout: float = 60.0, **limits: int) -> None:
+        unknown = set(limits) - {"max_body", "max_chunk", "device_quota"}
+        if unknown:
+            raise TokensieveError(f"unknown limits {sorted(unknown)}; accepted: max_body, max_chunk, device_quota")
+        self.limits = limits
         self.root = Path(root)
         self.start_timeout = start_timeout
         self.admin_token = secrets.token_urlsafe(24)
@@ -52,20 +56,32 @@ class LocalService:
         cmd = [sys.executable, "-m", "tokensieve.collab.service.server", "--root", str(self.root / "state"),
                "--port", "0", "--admin-token-file", str(token_file), "--port-file", str(port_file),
                "--log-level", "warning"]
+        for key, value in self.limits.items():
+            cmd += [f"--{key.replace('_', '-')}", str(int(value))]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout
-        while not port_file.exists():
-            if self.proc.poll() is not None:
-                raise TokensieveError(f"the collaboration service exited with status {self.proc.returncode}; "
-                                      f"see {self.log}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TokensieveError(f"the collaboration service did not start within {self.start_timeout:g} s; "
-                                      f"see {self.log}")
-            time.sleep(0.02)
+        try:
+            while not port_file.exists():
+                if self.proc.poll() is not None:
+                    raise TokensieveError(f"the collaboration service exited with status {self.proc.returncode}: "
+                                          f"{self._last_log_line()}")
+                if time.monotonic() > deadline:
+                    raise TokensieveError(f"the collaboration service did not start within {self.start_timeout:g} s: "
+                                          f"{self._last_log_line()}")
+                time.sleep(0.02)
+        except BaseException:
+            self.stop()  # never leave a server behind (also on Ctrl-C while waiting)
+            raise
         self.port = int(port_file.read_text().strip())
         return self
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "(no output)"
 
     def stop(self) -> None:
         if self.proc is not None:
