@@ -222,7 +222,8 @@ def test_loss_terms_against_the_pixel_forward(device, teacher):
     with torch.no_grad():
         s_proj = student.model.multi_modal_projector(tokens)
         t_proj = teacher.model.multi_modal_projector(tokens)
-        expected_token = sum(query_kd(s_proj, t_proj, d.align["token"].align_module))
+        ln_s, ln_t = F.layer_norm(s_proj, s_proj.shape[-1:]), F.layer_norm(t_proj, t_proj.shape[-1:])
+        expected_token = sum(query_kd(ln_s, ln_t, d.align["token"].align_module))
     assert s_proj.shape[-1] != t_proj.shape[-1]
     assert float(terms["token"]) == pytest.approx(float(expected_token), rel=1e-4)
 
@@ -246,6 +247,24 @@ def test_pseudo_labels_are_the_teachers_greedy_answers_from_pixels(device, teach
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for s, ids in zip(samples, new.tolist()):
         assert s.answer_ids == (ids[: ids.index(end) + 1] if end in ids else ids)
+
+
+def test_replayed_samples_are_learnt_with_cross_entropy_alone(device, teacher):
+    """A sample with ``distil=False`` counts in L_CE and nowhere in the distillation terms."""
+    model, processor = device
+    student = add_adapters(copy.deepcopy(model))
+    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig())
+    clips = _clips(3, heldout=11)
+    samples = _samples(model, processor, clips, [e.answer for e in clips])
+    samples[2].distil = False
+    with torch.no_grad():
+        mixed = d._losses(samples)
+        first_two = d._losses(samples[:2])
+        alone = d._losses(samples[2:])
+    torch.testing.assert_close(mixed["token"], first_two["token"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed["feature"], first_two["feature"], rtol=1e-4, atol=1e-5)
+    assert set(alone) == {"ce"}
+    assert float(mixed["ce"]) != pytest.approx(float(first_two["ce"]))
 
 
 def test_distiller_refuses_a_student_without_adapters(device, teacher):

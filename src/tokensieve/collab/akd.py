@@ -28,7 +28,8 @@ three reach the device (:mod:`tokensieve.collab.dwc`: ``norm | bias | lora``, ne
 Hyper-parameters follow the reference (3 epochs, warm-up 0.2 epoch, cosine to a floor, gradient
 clip 2, weight decay 0.02) except where the model size says otherwise: the reference's LoRA
 rank 16 and learning rate 3e-5 are for a 7B model; the embedded models are ~10⁵× smaller, and
-rank 8 / 2e-3 (floor 2e-4) is what the update fits in and learns with (``AKDConfig``).
+rank 4 on the attention and projector layers / 2e-3 (floor 2e-4) is what a whole update fits in
+(1% of the model, int4) and learns with (``AKDConfig``).
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ __all__ = [
     "wavelet_details",
 ]
 
-#: Linear layers that get LoRA: the language model's attention and MLP projections and the
-#: multimodal projector (the "query adapters" of the reference sit on its cross-modal side).
+#: Linear layers that get LoRA: the language model's attention projections and the multimodal
+#: projector (the "query adapters" of the reference sit on its cross-modal side). The MLPs are
+#: left out so that a whole update fits the downlink budget (1% of the model) in int4.
 LORA_TARGETS = (
-    r".*(language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-    r"|multi_modal_projector\.linear_[12])"
+    r".*(language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj|multi_modal_projector\.linear_[12])"
 )
 #: Parameters nobody trains: the shared vision encoder.
 FROZEN = re.compile(r"vision_tower|vision_model|visual\.")
@@ -71,10 +72,10 @@ FROZEN = re.compile(r"vision_tower|vision_model|visual\.")
 class AKDConfig:
     """AKD settings (see the module docstring for the defaults' provenance)."""
 
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (reference: 16 on a 7B model)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale alpha/rank)"})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank (reference: 16 on a 7B model)"})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale alpha/rank)"})
     lora_targets: str = field(default=LORA_TARGETS, metadata={"help": "regex of the linear layers with LoRA"})
-    epochs: int = field(default=3, metadata={"help": "passes over the uplinked samples"})
+    epochs: int = field(default=4, metadata={"help": "passes over the uplinked samples (reference: 3)"})
     batch_size: int = field(default=8, metadata={"help": "samples per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=2e-4, metadata={"help": "cosine floor"})
@@ -84,6 +85,9 @@ class AKDConfig:
     ce: bool = field(default=True, metadata={"help": "L_CE on the pseudo-labels"})
     token_kd: bool = field(default=True, metadata={"help": "L_token (QueryKD on the projected uplinked tokens)"})
     feature_kd: bool = field(default=True, metadata={"help": "L_feature (QueryKD on the final normed hidden states)"})
+    token_norm: bool = field(default=True, metadata={
+        "help": "layer-normalise (no affine) both projections before L_token, as the reference's projector "
+                "(Linear + LayerNorm) does; LLaVA's projector has no norm and its outputs are ~100x larger"})
     wavelet: str = field(default="db6", metadata={"help": "wavelet of the frequency term"})
     levels: int = field(default=3, metadata={"help": "wavelet levels (detail bands compared)"})
     wavelet_mode: str = field(default="zero", metadata={"help": "boundary mode of the transform"})
@@ -232,6 +236,9 @@ class Sample:
     #: the answer's token ids as taught (set by :meth:`Distiller.pseudo_label`: the teacher's
     #: generated ids up to and including its end-of-turn token); ``None``: ``answer`` + end token
     answer_ids: list[int] | None = None
+    #: whether the distillation terms (L_token, L_feature) apply; replayed source clips, which
+    #: carry the cloud's own labels, are learnt with L_CE alone
+    distil: bool = True
 
 
 class Distiller:
@@ -411,15 +418,22 @@ class Distiller:
             labels = batch["labels"]
             terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().to(logits.device),
                                           ignore_index=-100)
-        if cfg.token_kd or cfg.feature_kd:
+        distil = [i for i, smp in enumerate(chunk) if smp.distil]
+        if (cfg.token_kd or cfg.feature_kd) and distil:
+            idx = torch.tensor(distil)
+            sub = {k: v[idx] for k, v in batch.items()}
             with torch.no_grad():
-                _, t_projected, t_hidden = self._forward(self.teacher, batch, tokens, logits=False)
+                _, t_projected, t_hidden = self._forward(self.teacher, sub, tokens[idx], logits=False)
             if cfg.token_kd:
-                terms["token"] = self.align["token"](projected, t_projected)
+                s_tok, t_tok = projected[idx.to(projected.device)], t_projected
+                if cfg.token_norm:  # the reference's projector ends in a LayerNorm
+                    s_tok = F.layer_norm(s_tok, s_tok.shape[-1:])
+                    t_tok = F.layer_norm(t_tok, t_tok.shape[-1:])
+                terms["token"] = self.align["token"](s_tok, t_tok)
             if cfg.feature_kd:
-                mask = batch["attention_mask"].bool()
-                per = [self.align["feature"](hidden[i][mask[i]][None], t_hidden[i][mask[i]][None])
-                       for i in range(len(chunk))]
+                mask = sub["attention_mask"].bool()
+                per = [self.align["feature"](hidden[i][mask[j]][None], t_hidden[j][mask[j]][None])
+                       for j, i in enumerate(distil)]
                 terms["feature"] = torch.stack(per).mean()
         return terms
 

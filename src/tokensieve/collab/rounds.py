@@ -16,8 +16,8 @@ Each round:
 
 A *variant* changes one thing, for the comparison (``tokensieve bench collab``):
 ``akd`` (all of the above), ``pseudo-label`` (L_CE only), ``akd-no-replay`` (AKD on the
-uplinked samples alone, as the paper; by default the cloud mixes in as many of its own
-source-domain clips, labelled by the teacher, so the device does not forget the source),
+uplinked samples alone, as the paper; by default the cloud mixes in as many of its own labelled
+source-domain clips, learnt with L_CE, so the device does not forget the source),
 ``akd-all`` (no UTS: every streamed clip and every token goes up), ``oracle`` (the device's adapters trained on the true answers of
 every streamed clip: an upper bound), ``none`` (no adaptation) and ``teacher`` (the teacher's own
 accuracy).
@@ -59,7 +59,7 @@ class RoundsConfig:
     akd: AKDConfig = field(default_factory=AKDConfig)
     downlink_share: float = 0.01
     quant: str = "int4"
-    replay: float = 1.0
+    replay: float = 4.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -185,9 +185,10 @@ class Cloud:
 
     @torch.no_grad()
     def replay_samples(self, examples: Sequence[Any], batch_size: int = 25) -> list[Sample]:
-        """Samples of the cloud's own source-domain clips (the data the device was trained on):
-        whole token sets through the shared vision encoder, to be labelled by the teacher like
-        the uplinked ones and mixed in so the student keeps what it knew (experience replay)."""
+        """Samples of the cloud's own source-domain clips (data like the device was trained on):
+        whole token sets through the shared vision encoder, mixed in with their true answers so
+        the student keeps what it knew (experience replay; not distilled from the teacher, which
+        is weaker than the device on the source domain)."""
         from ..zoo.model import prompt_for
 
         teacher, processor = self.distiller.teacher, self.distiller.processor
@@ -345,12 +346,10 @@ def run_rounds(
                 n_replay = 0 if variant == "akd-no-replay" else int(round(cfg.replay * min(len(samples), cfg.max_uplink)))
                 if n_replay:
                     first = REPLAY_START + r * 100_000
-                    replay = cloud.replay_samples([synthvid.make_example(s) for s in synthvid.train_seeds(first, n_replay)])
-                    if variant == "oracle":
-                        for s in replay:
-                            s.answer = synthvid.make_example(int(s.sample_id.split("-")[1])).answer
-                    else:
-                        cloud.distiller.pseudo_label(replay)
+                    clips = [synthvid.make_example(s) for s in synthvid.train_seeds(first, n_replay)]
+                    replay = cloud.replay_samples(clips)
+                    for smp, clip in zip(replay, clips):  # the cloud's own labelled source data: L_CE only
+                        smp.answer, smp.distil = clip.answer, False
                     samples = samples + replay
                 row["replayed"] = n_replay
                 row["seconds"]["cloud_label"] = time.perf_counter() - t0
@@ -361,6 +360,7 @@ def run_rounds(
                         {k: f"{v:.3f}" for k, v in terms.items()})))
                 row["akd"] = {"epochs": fit["epochs"], "steps": fit["steps"]}
                 row["seconds"]["cloud_akd"] = time.perf_counter() - t0
+                row["cloud_student_accuracy"] = evaluate_all(cloud.distiller.student)  # before the downlink
                 t0 = time.perf_counter()
                 enc = cloud.update(r)
                 admin.put_update(reg["device_id"], r, enc.data)
