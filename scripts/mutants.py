@@ -140,6 +140,25 @@ class PDrop(InLLMMethod):''',
         "        with contextlib.nullcontext():\n",
         ("tests/test_hardening.py::test_threads_sharing_one_compressed_model_get_their_own_answers",),
     ),
+    Mutant(
+        "akd-label-shift", "AKD's cross-entropy reads each answer token one position late", "collab/akd.py",
+        "            labels[i, p - 1 : p - 1 + len(a)] = torch.tensor(a)  # position t predicts token t+1",
+        "            labels[i, p : p + len(a)] = torch.tensor(a)",
+        ("tests/test_collab_akd.py::test_loss_terms_against_the_pixel_forward",),
+    ),
+    Mutant(
+        "akd-wavelet-lowpass", "the frequency term also compares the wavelet approximation band", "collab/akd.py",
+        "    return list(coeffs[1:])",
+        "    return list(coeffs)",
+        ("tests/test_collab_akd.py::test_query_kd_against_pywavelets",),
+    ),
+    Mutant(
+        "uplink-newline-dropped", "the uplinked-token path leaves the video's newline token unfilled",
+        "models/llava_onevision.py",
+        "            out[b, pos] = video[i].to(out.dtype)",
+        "            out[b, pos[:-1]] = video[i][:-1].to(out.dtype)",
+        ("tests/test_collab_akd.py::test_uplinked_tokens_reproduce_the_pixel_forward",),
+    ),
 )
 
 
