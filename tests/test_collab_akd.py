@@ -325,3 +325,54 @@ def test_one_round_trip_over_a_loopback_service(device, teacher, tmp_path):
     untouched = set(before) - {r.name for r in decoded.records}
     assert all(torch.equal(after[n], before[n]) for n in untouched)
     assert dwc.state_hash(after) == dwc.state_hash(cloud.mirror)
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def test_bench_collab_runs_end_to_end_and_reports(tmp_path):
+    """A miniature `tokensieve bench collab` (shipped teacher, a real loopback service): every
+    round's device state equals the cloud's mirror, the report and charts are written."""
+    import json
+
+    from tokensieve.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "collab", "--out", str(out), "--stream", "12", "--max-uplink", "3", "--eval-n", "5",
+               "--epochs", "1", "--replay", "1", "--threads", "1", "--variants", "akd,teacher"])
+    assert rc == 0
+    result = json.loads((out / "collab.json").read_text())
+    rounds = result["runs"]["akd"]["rounds"]
+    assert [r["domain"] for r in rounds] == ["dusk", "fog"]
+    for r in rounds:
+        assert r["uplinked"] == 3 and r["replayed"] == 3 and r["device_matches_mirror"] is True
+        assert r["bytes_up"] > 0 and 0 < r["downlink_vs_model_fp16"] <= 0.01
+        assert set(r["accuracy"]) == {"source", "dusk", "fog"}
+    assert set(result["runs"]["teacher"]["initial"]) == {"source", "dusk", "fog"}
+    for name in ("report.html", "collab.md", "accuracy_dusk.png", "uplink.png", "downlink.png"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["collab", "demo", "--domains", "night"], "shifted domains"),
+    (["collab", "demo", "--replay", "-1"], "replay"),
+    (["bench", "collab", "--variants", "akd,magic"], "variants"),
+])
+def test_collab_command_arguments_are_checked(args, message, capsys):
+    from tokensieve.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_teacher_that_does_not_share_the_vision_tower_is_refused(tmp_path, capsys, device):
+    from tokensieve.cli import main
+    from tokensieve.zoo.model import save_model
+
+    model, processor = device
+    other = build_model(5, processor.tokenizer, "teacher")  # a fresh vision tower
+    save_model(other, processor, tmp_path / "t")
+    rc = main(["collab", "demo", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "vision encoder" in err[0]
