@@ -122,3 +122,15 @@ def test_fuzz_uplink_decoder(blob, manifest):
         decode_uplink(blob, manifest)
     except UplinkError:
         pass
+
+
+def test_the_manifest_grows_with_samples_not_with_tokens():
+    """A thousand uplinked clips of 1,024 tokens: the manifest stays far below the service's
+    1 MiB limit (it lists per-sample metadata, never token slots)."""
+    n, tokens = 1000, 1024
+    up = Uplink("dev-1", 1, [str(10**9 + i) for i in range(n)], torch.zeros(n, tokens, 2),
+                torch.rand(n, tokens) > 0.75, answers=["three"] * n, confidences=[0.123456] * n,
+                extra={"questions": ["how many times did the purple triangle appear ?"] * n})
+    _, manifest = encode_uplink(up, "sparse")
+    size = len(json.dumps(manifest, separators=(",", ":")))
+    assert size < 200 * n < (1 << 20)

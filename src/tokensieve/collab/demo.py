@@ -100,6 +100,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, out="benchmarks/collab", domains="dusk,fog", stream=1000, uplink=150, eval_n=300)
     parser.add_argument("--variants", type=_variants, default=BENCH_VARIANTS, metavar="V[,V...]",
                         help=f"what to compare (default: {','.join(BENCH_VARIANTS)})")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the variants an interrupted run of the same command already finished "
+                        "(saved after each one in OUT/collab.partial.json)")
 
 
 def _require_extras() -> None:
@@ -145,14 +148,26 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
     cfg = RoundsConfig(domains=tuple(args.domains), stream=args.stream, max_uplink=args.max_uplink,
                        eval_n=args.eval_n, replay=args.replay, akd=AKDConfig(epochs=args.epochs))
     began = time.perf_counter()
-    runs = {}
+    runs: dict[str, Any] = {}
+    config = None
+    partial = out / "collab.partial.json"
+    if getattr(args, "resume", False) and partial.is_file():
+        saved = json.loads(partial.read_text(encoding="utf-8"))
+        runs = {v: r for v, r in saved.get("runs", {}).items() if v in variants}
+        print(f"resuming: {', '.join(runs) or 'nothing'} already done", file=sys.stderr)
     for variant in variants:
+        if variant in runs:
+            continue
         with tempfile.TemporaryDirectory(prefix="tokensieve-collab-") as root:
             runs[variant] = run_rounds(device_model, teacher, processor, cfg, variant, service_root=root,
                                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    result = {"runs": runs, "seconds": round(time.perf_counter() - began, 1),
+        config = runs[variant]["config"]
+        # after every variant, so a long run that stops can go on with --resume
+        partial.write_text(json.dumps({"runs": runs, "config": config}, indent=2, default=str) + "\n", encoding="utf-8")
+    result = {"runs": {v: runs[v] for v in variants}, "seconds": round(time.perf_counter() - began, 1),
               "device_model": "tokensieve.zoo embedded", "teacher": str(args.teacher or "tokensieve.zoo teacher")}
     _write(out, result)
+    partial.unlink(missing_ok=True)
     return result
 
 

@@ -41,7 +41,7 @@ GiB = 1 << 30
 _log = logging.getLogger("tokensieve.collab.service")
 
 _JSON_LIMIT = 256 * 1024        # begin / create-device bodies
-_MANIFEST_LIMIT = 64 * 1024     # serialized manifest
+_MANIFEST_LIMIT = 1 << 20       # serialized manifest (as tokensieve.collab.uplink.MAX_MANIFEST: ~150 B per uplinked sample)
 _NAME_LIMIT = 200
 _TOKEN_LIMIT = 512
 _MAX_INT = (1 << 62)
