@@ -30,7 +30,7 @@ LABELS = {
     "akd": "AKD (UTS uplink)",
     "akd-no-replay": "AKD without source replay",
     "akd-all": "AKD, everything uplinked (no UTS)",
-    "oracle": "true target labels (upper bound)",
+    "oracle": "true target labels, L_CE only",
     "teacher": "cloud teacher",
 }
 
@@ -258,6 +258,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
         "up (UTS), the cloud teacher labels them and distils into the device model's adapters (AKD), and a "
         "quantised update comes back (DWC), all through the collaboration service on loopback.</p>",
         "<h2>Held-out accuracy</h2>", html_table(acc_header, acc_rows),
+        "<p>Times are wall seconds on the machine that ran it; other jobs may have shared it.</p>",
         "<h2>Links and time</h2>", html_table(link_header, link_rows),
         *[f"<img src='{html.escape(c)}' alt='{html.escape(c)}'>" for c in charts],
     ]
