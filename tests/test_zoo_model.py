@@ -410,3 +410,12 @@ def test_domain_weights_draw_only_the_weighted_domains() -> None:
     drawn = {d for step in range(20) for d in step_domains(0, step, 8, [0, 1, 1])}
     assert drawn == {"dusk", "fog"}
     assert step_domains(0, 5, 8, [1, 1, 1]) == step_domains(0, 5, 8, [1, 1, 1])
+
+
+@pytest.mark.parametrize("text", ["1,2", "1,1,-1", "0,0,0", "a,b,c", "1,inf,1"])
+def test_domain_weights_argument_is_checked(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokensieve.zoo.train import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--domains", text])
+    assert "--domains" in capsys.readouterr().err

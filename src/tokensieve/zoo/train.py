@@ -84,30 +84,26 @@ class TrainConfig(argparse.Namespace):
 FAMILY_WEIGHTS = (1.0, 3.0, 1.2, 1.2, 0.8)
 
 
-def _weights(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != len(synthvid.FAMILIES) or min(values) < 0 or sum(values) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected {len(synthvid.FAMILIES)} non-negative comma-separated numbers "
-            f"(one per family: {','.join(synthvid.FAMILIES)}), got {text!r}"
-        )
-    return values
+def _weights_over(names: Sequence[str], what: str) -> Any:
+    """An argparse type: one non-negative weight per name of ``names``, comma-separated, not all 0."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(names) or min(values) < 0 or sum(values) <= 0 or not all(map(math.isfinite, values)):
+            raise argparse.ArgumentTypeError(
+                f"expected {len(names)} non-negative comma-separated numbers "
+                f"(one per {what}: {','.join(names)}), got {text!r}"
+            )
+        return values
+
+    return parse
 
 
-def _domain_weights(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != len(synthvid.DOMAINS) or min(values) < 0 or sum(values) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected {len(synthvid.DOMAINS)} non-negative comma-separated numbers "
-            f"(one per domain: {','.join(synthvid.DOMAINS)}), got {text!r}"
-        )
-    return values
+_weights = _weights_over(synthvid.FAMILIES, "family")
+_domain_weights = _weights_over(synthvid.DOMAINS, "domain")
 
 
 def _probability(text: str) -> float:
