@@ -34,7 +34,6 @@ rank 4 on the attention and projector layers / 2e-3 (floor 2e-4) is what a whole
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -441,8 +440,3 @@ class Distiller:
         """The student's shipped state (``norm | bias | lora`` outside the vision encoder), for DWC."""
         params = dict(self.student.named_parameters())
         return {n: params[n] for n in adapter_names(self.student)}
-
-
-def student_from(device_model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of a device model (with adapters already added) for the cloud to train."""
-    return copy.deepcopy(device_model)

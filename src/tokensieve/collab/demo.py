@@ -149,7 +149,6 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
                        eval_n=args.eval_n, replay=args.replay, akd=AKDConfig(epochs=args.epochs))
     began = time.perf_counter()
     runs: dict[str, Any] = {}
-    config = None
     partial = out / "collab.partial.json"
     if getattr(args, "resume", False) and partial.is_file():
         saved = json.loads(partial.read_text(encoding="utf-8"))
@@ -161,9 +160,8 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
         with tempfile.TemporaryDirectory(prefix="tokensieve-collab-") as root:
             runs[variant] = run_rounds(device_model, teacher, processor, cfg, variant, service_root=root,
                                        log=lambda m: print(m, file=sys.stderr, flush=True))
-        config = runs[variant]["config"]
         # after every variant, so a long run that stops can go on with --resume
-        partial.write_text(json.dumps({"runs": runs, "config": config}, indent=2, default=str) + "\n", encoding="utf-8")
+        partial.write_text(json.dumps({"runs": runs}, indent=2, default=str) + "\n", encoding="utf-8")
     result = {"runs": {v: runs[v] for v in variants}, "seconds": round(time.perf_counter() - began, 1),
               "device_model": "tokensieve.zoo embedded", "teacher": str(args.teacher or "tokensieve.zoo teacher")}
     _write(out, result)
