@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +28,21 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
+
+
+def float_in(low: float, high: float, what: str = "a number") -> Any:
+    """An argparse type: a number in ``[low, high]`` (NaN refused), described as ``what``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in [{low:g}, {high:g}], got {text!r}")
+        return value
+
+    return parse
 
 
 def writable_dir(path: str | Path, option: str) -> Path:

@@ -34,11 +34,12 @@ rank 4 on the attention and projector layers / 2e-3 (floor 2e-4) is what a whole
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,20 +148,13 @@ def add_adapters(model: torch.nn.Module, cfg: AKDConfig | None = None) -> torch.
     return model
 
 
-def _seeded(seed: int) -> Any:
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's generators for a block and restore them after (CPU and any CUDA devices)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    ctx = torch.random.fork_rng(devices=devices)
-
-    class _Ctx:
-        def __enter__(self) -> None:
-            ctx.__enter__()
-            torch.manual_seed(seed)
-
-        def __exit__(self, *exc: Any) -> None:
-            ctx.__exit__(*exc)
-
-    return _Ctx()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:

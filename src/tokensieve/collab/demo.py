@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._argtypes import positive_int
+from .._argtypes import float_in, positive_int, writable_dir
 from ..errors import InputError
 
 #: What ``bench collab`` compares by default (every variant of :data:`rounds.VARIANTS`).
@@ -47,14 +47,7 @@ def _domains(text: str) -> tuple[str, ...]:
     return names
 
 
-def _replay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 10], got {text!r}")
-    return value
+_replay = float_in(0.0, 10.0)
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -138,11 +131,7 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
     from .akd import AKDConfig
     from .rounds import RoundsConfig, run_rounds
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    out = writable_dir(args.out, "--out")
     hf_logging.disable_progress_bar()
     device_model, teacher, processor = _setup(args)
     cfg = RoundsConfig(domains=tuple(args.domains), stream=args.stream, max_uplink=args.max_uplink,

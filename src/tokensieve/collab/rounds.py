@@ -105,11 +105,10 @@ class Device:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in adapter_names(self.model)}
 
-    def _inputs(self, examples: Sequence[Any]) -> Any:
-        from ..zoo.model import prompt_for
+    def _batches(self, examples: Sequence[Any]) -> Any:
+        from ..zoo.evaluate import iter_batches
 
-        return self.processor(text=[prompt_for(self.processor, e.question) for e in examples],
-                              videos=[e.frames for e in examples], return_tensors="pt", padding=True)
+        return iter_batches(self.processor, examples, batch_size=self.batch_size)
 
     @torch.no_grad()
     def answer(self, examples: Sequence[Any], progress: Callable[[int], None] | None = None
@@ -117,9 +116,7 @@ class Device:
         """Greedy answers and UTS-1 confidences of ``examples``."""
         answers: list[str] = []
         confidences = []
-        for start in range(0, len(examples), self.batch_size):
-            chunk = examples[start : start + self.batch_size]
-            inputs = self._inputs(chunk)
+        for inputs in self._batches(examples):
             out = self.model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
                                       return_dict_in_generate=True)
             new = out.sequences[:, inputs["input_ids"].shape[1] :]
@@ -133,14 +130,13 @@ class Device:
                 ended |= torch.tensor([int(x) in eos_ids for x in new[:, t]])
             confidences.append(self.uts.samples_to_uplink(out.logits, valid=valid)[1])
             if progress is not None:
-                progress(len(chunk))
+                progress(int(new.shape[0]))
         return answers, torch.cat(confidences)
 
     @torch.no_grad()
     def tokens(self, examples: Sequence[Any]) -> torch.Tensor:
         """The vision-encoder tokens ``[B, N, C]`` of ``examples`` (what the uplink carries)."""
-        return torch.cat([self.adapter.uplink_tokens(self.model, self._inputs(examples[s : s + self.batch_size]))
-                          for s in range(0, len(examples), self.batch_size)])
+        return torch.cat([self.adapter.uplink_tokens(self.model, inputs) for inputs in self._batches(examples)])
 
     def choose(self, confidence: torch.Tensor, limit: int) -> list[int]:
         """UTS-1: the uncertain samples, least confident first, at most ``limit``."""
@@ -190,18 +186,12 @@ class Cloud:
         whole token sets through the shared vision encoder, mixed in with their true answers so
         the student keeps what it knew (experience replay; not distilled from the teacher, which
         is weaker than the device on the source domain)."""
-        from ..zoo.model import prompt_for
+        from ..zoo.evaluate import iter_batches
 
-        teacher, processor = self.distiller.teacher, self.distiller.processor
-        adapter = self.distiller.adapter
-        out: list[Sample] = []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = processor(text=[prompt_for(processor, e.question) for e in chunk], videos=[e.frames for e in chunk],
-                              return_tensors="pt", padding=True)
-            tokens = adapter.uplink_tokens(teacher, batch)
-            out.extend(Sample(e.question, tokens[i], None, f"replay-{e.seed}") for i, e in enumerate(chunk))
-        return out
+        teacher, adapter = self.distiller.teacher, self.distiller.adapter
+        tokens = torch.cat([adapter.uplink_tokens(teacher, batch)
+                            for batch in iter_batches(self.distiller.processor, examples, batch_size=batch_size)])
+        return [Sample(e.question, tokens[i], None, f"replay-{e.seed}") for i, e in enumerate(examples)]
 
     @staticmethod
     def samples(up: Uplink) -> list[Sample]:

@@ -11,14 +11,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import synthvid
 from .model import load_model, prompt_for
 
-__all__ = ["Scores", "answer", "answer_prepared", "blank_frames", "evaluate_dir", "prepare", "score"]
+__all__ = ["Scores", "answer", "answer_prepared", "blank_frames", "evaluate_dir", "iter_batches", "prepare", "score"]
 
 
 def blank_frames(example: synthvid.Example) -> np.ndarray:
@@ -34,13 +34,18 @@ def prepare(
     ``blank`` replaces every clip by :func:`blank_frames`. Prepared batches can be answered
     several times (e.g. once per compression method) with :func:`answer_prepared`.
     """
-    batches = []
+    return list(iter_batches(processor, examples, batch_size=batch_size, blank=blank))
+
+
+def iter_batches(
+    processor: Any, examples: Sequence[synthvid.Example], *, batch_size: int = 16, blank: bool = False
+) -> Iterator[Any]:
+    """:func:`prepare`'s batches one at a time (only one batch's pixels held at once)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [prompt_for(processor, e.question) for e in chunk]
         videos = [blank_frames(e) if blank else e.frames for e in chunk]
-        batches.append(processor(text=prompts, videos=videos, return_tensors="pt", padding=True))
-    return batches
+        yield processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
 
 
 def answer_prepared(

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._argtypes import non_negative_int, positive_int
+from .._argtypes import float_in, non_negative_int, positive_int
 from . import synthvid
 from .model import EMBEDDED_DIR, SIZES, TEACHER_DIR, build_model, build_processor, build_tokenizer, save_model
 
@@ -106,14 +106,7 @@ _weights = _weights_over(synthvid.FAMILIES, "family")
 _domain_weights = _weights_over(synthvid.DOMAINS, "domain")
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
+_probability = float_in(0.0, 1.0, "a probability")
 
 
 def _non_negative(text: str) -> float:
