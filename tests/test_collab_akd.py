@@ -249,8 +249,9 @@ def test_pseudo_labels_are_the_teachers_greedy_answers_from_pixels(device, teach
         assert s.answer_ids == (ids[: ids.index(end) + 1] if end in ids else ids)
 
 
-def test_replayed_samples_are_learnt_with_cross_entropy_alone(device, teacher):
-    """A sample with ``distil=False`` counts in L_CE and nowhere in the distillation terms."""
+def test_replayed_samples_are_not_distilled_from_the_teacher(device, teacher):
+    """A sample with ``distil=False`` counts in L_CE and nowhere in the distillation terms
+    (outside ``fit`` there is no anchor, the term of the next test)."""
     model, processor = device
     student = add_adapters(copy.deepcopy(model))
     d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig())
@@ -265,6 +266,49 @@ def test_replayed_samples_are_learnt_with_cross_entropy_alone(device, teacher):
     torch.testing.assert_close(mixed["feature"], first_two["feature"], rtol=1e-4, atol=1e-5)
     assert set(alone) == {"ce"}
     assert float(mixed["ce"]) != pytest.approx(float(first_two["ce"]))
+
+
+def test_replayed_samples_keep_the_features_the_student_had_before_the_fit(device, teacher):
+    """L_anchor: on ``distil=False`` samples, for each of the decoder's hidden states (the input
+    embeddings, every layer's output, the last one normed), the mean squared difference from the
+    model the student was when ``fit`` began, relative to that model's mean square; averaged
+    over the layers. By hand, from both models' pixel forward over each replayed sample's real
+    positions; distilled samples do not count in it, and it is zero while the student has not moved."""
+    model, processor = device
+    student = add_adapters(copy.deepcopy(model))
+    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig(epochs=1, batch_size=4))
+    clips = _clips(4, heldout=13)
+    answers = ["red circle", "three", "left", "blue"]
+    samples = _samples(model, processor, clips, answers)
+    samples[1].distil = samples[3].distil = False
+    seen = []
+    d.fit(samples, progress=seen.append)  # one step, taken from the student as it was
+    assert seen[0]["anchor"] == 0.0 and d._anchor is None
+    d._anchor = add_adapters(copy.deepcopy(model))  # the fit moved the student: now it differs from its anchor
+    with torch.no_grad():
+        terms = d._losses(samples)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    layers = model.config.text_config.num_hidden_layers + 1
+    diffs, refs = [[] for _ in range(layers)], [[] for _ in range(layers)]
+    for e, a in [(clips[1], answers[1]), (clips[3], answers[3])]:
+        prompt = processor(text=[prompt_for(processor, e.question)], videos=[e.frames], return_tensors="pt")
+        ids = torch.cat([prompt["input_ids"], torch.tensor([processor.tokenizer(a, add_special_tokens=False)
+                                                            ["input_ids"] + [end]])], 1)
+        kw = {"input_ids": ids, "pixel_values_videos": prompt["pixel_values_videos"], "output_hidden_states": True}
+        with torch.no_grad():
+            s_h, a_h = student.model(**kw).hidden_states, model.model(**kw).hidden_states
+        assert len(s_h) == layers
+        for layer in range(layers):
+            diffs[layer].append(((s_h[layer] - a_h[layer]) ** 2).flatten())
+            refs[layer].append((a_h[layer] ** 2).flatten())
+    expected = float(np.mean([float(torch.cat(diffs[i]).mean() / torch.cat(refs[i]).mean()) for i in range(layers)]))
+    assert expected > 0 and float(terms["anchor"]) == pytest.approx(expected, rel=1e-4)
+    d._anchor = None
+    no_anchor = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q),
+                          AKDConfig(epochs=1, batch_size=4, anchor=False))
+    seen.clear()
+    no_anchor.fit(samples, progress=seen.append)
+    assert "anchor" not in seen[0]
 
 
 def test_distiller_refuses_a_student_without_adapters(device, teacher):
@@ -325,6 +369,34 @@ def test_one_round_trip_over_a_loopback_service(device, teacher, tmp_path):
     untouched = set(before) - {r.name for r in decoded.records}
     assert all(torch.equal(after[n], before[n]) for n in untouched)
     assert dwc.state_hash(after) == dwc.state_hash(cloud.mirror)
+
+
+def test_the_uplink_holds_the_least_confident_clips_that_fit_its_byte_budget(device):
+    """``max_bytes``: the longest prefix of the chosen clips (least confident first) whose payload
+    and manifest fit; a budget below one clip's payload is refused."""
+    from tokensieve.collab.rounds import Device, uplink_bytes
+    from tokensieve.methods.uts import UTS
+
+    model, processor = device
+    dev = Device(add_adapters(copy.deepcopy(model)), processor,
+                 UTS(temperature=1.0, threshold=1.01, mask_ratio=0.5, payload="sparse", scope="per_sample"),
+                 batch_size=4)
+    stream = _clips(4, heldout=8)
+    answers, conf = dev.answer(stream)
+    chosen = dev.choose(conf, 4)
+    args = ([stream[i] for i in chosen], [answers[i] for i in chosen], conf[chosen])
+
+    def up(n, budget=float("inf")):
+        return dev.make_uplink("d", 1, *(a[:n] for a in args), max_bytes=budget)
+
+    sizes = [uplink_bytes(*up(n)) for n in (1, 2, 3, 4)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    for budget, n in [(sizes[3], 4), (sizes[2], 3), (sizes[2] - 1, 2), (sizes[0], 1)]:
+        blob, manifest = up(4, budget)
+        assert manifest["sample_ids"] == [str(stream[i].seed) for i in chosen[:n]]
+        assert uplink_bytes(blob, manifest) <= budget
+    with pytest.raises(InputError, match="smaller than one sample"):
+        up(4, sizes[0] - 1)
 
 
 # -- the commands ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -113,6 +114,38 @@ def test_uplink_round_trip_and_refusals(payload):
     lying = dict(manifest, kept_per_sample=[1, 1])
     with pytest.raises(UplinkError, match="kept-token counts"):
         decode_uplink(blob, lying)
+
+
+@pytest.mark.parametrize("payload", ["sparse", "dense_zeroed"])
+def test_int8_uplink_tokens_are_within_half_a_step_of_each_value(payload):
+    """int8: per token q = round(127·x / max|x|) and the fp16 scale max|x| / 127 (by hand), half
+    the token bytes of fp16; a payload whose int8 tokens lost their scales is refused."""
+    from safetensors.torch import load, save
+
+    g = torch.Generator().manual_seed(4)
+    tokens = (torch.randn(3, 16, 128, generator=g) * torch.rand(3, 16, 1, generator=g) * 5).half()
+    tokens[0, 0] = 0  # an all-zero token: scale 0, values 0
+    keep = torch.rand(3, 16, generator=g) > 0.5
+    keep[0, 0] = True
+    up = Uplink("dev-1", 1, ["a", "b", "c"], tokens, keep)
+    blob, manifest = encode_uplink(up, payload, "int8")
+    back = decode_uplink(blob, manifest)
+    x = tokens.float() * keep.unsqueeze(-1)
+    scale = (x.abs().amax(-1) / 127).half().float()
+    expected = torch.where(scale[..., None] > 0, (x / scale[..., None]).round().clamp(-127, 127), 0) * scale[..., None]
+    torch.testing.assert_close(back.tokens, expected, rtol=0, atol=1e-6)
+    assert bool(((back.tokens - x).abs() <= scale[..., None] / 2 + 1e-3).all())
+    assert torch.equal(back.tokens[0, 0], torch.zeros(128))
+    fp16 = len(encode_uplink(up, payload)[0])
+    assert len(blob) < 0.6 * fp16
+    stripped = {k: v for k, v in load(blob).items() if k != "scale"}
+    bare = save(stripped)
+    lying = dict(manifest, tensors={k: v for k, v in manifest["tensors"].items() if k != "scale"}, bytes=len(bare),
+                 sha256=hashlib.sha256(bare).hexdigest())
+    with pytest.raises(UplinkError, match="need a 'scale'"):
+        decode_uplink(bare, lying)
+    with pytest.raises(InputError, match="dtype"):
+        encode_uplink(up, payload, "int4")
 
 
 @settings(max_examples=150, deadline=None)

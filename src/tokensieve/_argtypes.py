@@ -30,16 +30,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def float_in(low: float, high: float, what: str = "a number") -> Any:
-    """An argparse type: a number in ``[low, high]`` (NaN refused), described as ``what``."""
+def float_in(low: float, high: float, what: str = "a number", *, low_open: bool = False) -> Any:
+    """An argparse type: a number in ``[low, high]`` (``(low, high]`` when ``low_open``; NaN
+    refused), described as ``what``."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {what} in [{low:g}, {high:g}], got {text!r}")
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(f"expected {what} in {'(' if low_open else '['}{low:g}, {high:g}], "
+                                             f"got {text!r}")
         return value
 
     return parse

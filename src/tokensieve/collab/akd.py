@@ -20,6 +20,14 @@ transform), the mean absolute difference (the approximation band is ignored). Th
 `ptwt <https://github.com/v0lta/PyTorch-Wavelet-Toolbox>`_ (differentiable, PyWavelets'
 conventions).
 
+Beside the paper's terms, replayed source clips (``Sample.distil=False``, the cloud's own
+labelled data; :mod:`tokensieve.collab.rounds`) are learnt with L_CE on their true answers and
+**L_anchor**: for the input embeddings and each decoder layer's output, the mean squared
+difference from the student as it was when the fit began (a frozen copy: the device's current
+weights), relative to that copy's mean square, averaged over the layers — learning without
+forgetting (Li & Hoiem, arXiv 1606.09282) on features rather than outputs, so that what the
+device knew on the source domain stays where it was (``AKDConfig.anchor``).
+
 The trainable set is exactly: LoRA A/B, every norm weight and every bias outside the vision
 encoder (which both models share and nobody trains), and the alignment convs. Only the first
 three reach the device (:mod:`tokensieve.collab.dwc`: ``norm | bias | lora``, never
@@ -35,6 +43,7 @@ rank 4 on the attention and projector layers / 2e-3 (floor 2e-4) is what a whole
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import time
@@ -88,6 +97,9 @@ class AKDConfig:
     token_norm: bool = field(default=True, metadata={
         "help": "layer-normalise (no affine) both projections before L_token, as the reference's projector "
                 "(Linear + LayerNorm) does; LLaVA's projector has no norm and its outputs are ~100x larger"})
+    anchor: bool = field(default=True, metadata={
+        "help": "L_anchor on replayed samples (distil=False): keep every decoder hidden state where it was when the "
+                "fit began (relative MSE against a frozen copy; learning without forgetting)"})
     wavelet: str = field(default="db6", metadata={"help": "wavelet of the frequency term"})
     levels: int = field(default=3, metadata={"help": "wavelet levels (detail bands compared)"})
     wavelet_mode: str = field(default="zero", metadata={"help": "boundary mode of the transform"})
@@ -230,7 +242,7 @@ class Sample:
     #: generated ids up to and including its end-of-turn token); ``None``: ``answer`` + end token
     answer_ids: list[int] | None = None
     #: whether the distillation terms (L_token, L_feature) apply; replayed source clips, which
-    #: carry the cloud's own labels, are learnt with L_CE alone
+    #: carry the cloud's own labels, are learnt with L_CE and (``AKDConfig.anchor``) L_anchor
     distil: bool = True
 
 
@@ -261,6 +273,7 @@ class Distiller:
             self.align = torch.nn.ModuleDict({"token": QueryKD(s_dim, t_dim, **kw), "feature": QueryKD(s_dim, t_dim, **kw)})
         self.align.to(next(student.parameters()).device)
         self.end_id = self._end_id()
+        self._anchor: torch.nn.Module | None = None
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -309,16 +322,21 @@ class Distiller:
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], tokens: torch.Tensor, *,
-                 logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """``(logits or None, projected uplink tokens, final normed hidden states)`` of ``model``.
+                 logits: bool = True, every_layer: bool = False
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(logits or None, projected uplink tokens, hidden states)`` of ``model``: the hidden
+        states are the final normed ones alone, or with ``every_layer`` the input embeddings and
+        each decoder layer's output (transformers' ``hidden_states``, whose last entry is normed).
 
         The base model's ``last_hidden_state`` is the decoder's output after its final norm."""
         embeds, projected = self.adapter.embeds_from_uplink(model, batch["input_ids"], tokens)
         device = embeds.device
         out = model.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-                          position_ids=batch["position_ids"].to(device), use_cache=False)
+                          position_ids=batch["position_ids"].to(device), use_cache=False,
+                          output_hidden_states=every_layer)
         hidden = out.last_hidden_state
-        return (model.lm_head(hidden) if logits else None), projected, hidden
+        states = tuple(out.hidden_states) if every_layer else (hidden,)
+        return (model.lm_head(hidden) if logits else None), projected, states
 
     # -- the cloud's steps -------------------------------------------------------------------
 
@@ -359,6 +377,9 @@ class Distiller:
         if any(s.answer is None for s in samples):
             raise InputError("every sample needs an answer: call pseudo_label first (or supply true answers)")
         cfg = self.cfg
+        # L_anchor's reference: the student as it is now (the device's current weights), frozen
+        self._anchor = (copy.deepcopy(self.student).eval().requires_grad_(False)
+                        if cfg.anchor and any(not s.distil for s in samples) else None)
         params = _set_trainable(self.student)
         align_params = list(self.align.parameters()) if (cfg.token_kd or cfg.feature_kd) else []
         decay = [p for p in params + align_params if p.ndim >= 2]
@@ -394,6 +415,7 @@ class Distiller:
                         progress(values)
                 history.append({k: v / len(samples) for k, v in sums.items()})
         finally:
+            self._anchor = None
             self.student.eval()
             for p in self.student.parameters():
                 p.requires_grad_(False)
@@ -404,7 +426,10 @@ class Distiller:
         answers = [s.answer_ids if s.answer_ids is not None else self._answer_ids(str(s.answer)) for s in chunk]
         batch = self._with_answers(self._prompts(chunk), answers)
         tokens = torch.stack([s.tokens for s in chunk]).float()
-        logits, projected, hidden = self._forward(self.student, batch, tokens, logits=cfg.ce)
+        kept = [i for i, smp in enumerate(chunk) if not smp.distil]
+        anchored = self._anchor is not None and bool(kept)
+        logits, projected, states = self._forward(self.student, batch, tokens, logits=cfg.ce, every_layer=anchored)
+        hidden = states[-1]
         terms: dict[str, torch.Tensor] = {}
         if cfg.ce:
             assert logits is not None
@@ -416,7 +441,7 @@ class Distiller:
             idx = torch.tensor(distil)
             sub = {k: v[idx] for k, v in batch.items()}
             with torch.no_grad():
-                _, t_projected, t_hidden = self._forward(self.teacher, sub, tokens[idx], logits=False)
+                _, t_projected, (t_hidden,) = self._forward(self.teacher, sub, tokens[idx], logits=False)
             if cfg.token_kd:
                 s_tok, t_tok = projected[idx.to(projected.device)], t_projected
                 if cfg.token_norm:  # the reference's projector ends in a LayerNorm
@@ -428,6 +453,16 @@ class Distiller:
                 per = [self.align["feature"](hidden[i][mask[j]][None], t_hidden[j][mask[j]][None])
                        for j, i in enumerate(distil)]
                 terms["feature"] = torch.stack(per).mean()
+        if anchored:
+            assert self._anchor is not None
+            idx = torch.tensor(kept)
+            sub = {k: v[idx] for k, v in batch.items()}
+            with torch.no_grad():
+                _, _, a_states = self._forward(self._anchor, sub, tokens[idx], logits=False, every_layer=True)
+            mask = sub["attention_mask"].bool().to(hidden.device)
+            rel = [((h[idx.to(h.device)][mask].float() - a[mask].float()) ** 2).mean() / a[mask].float().pow(2).mean()
+                   for h, a in zip(states, a_states)]
+            terms["anchor"] = torch.stack(rel).mean()
         return terms
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

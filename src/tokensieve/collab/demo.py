@@ -68,6 +68,9 @@ def _common(parser: argparse.ArgumentParser, *, out: str, domains: str, stream: 
                         help="clips the device answers per round (default: %(default)s)")
     parser.add_argument("--max-uplink", type=positive_int, default=uplink,
                         help="most uncertain clips uplinked per round (default: %(default)s)")
+    parser.add_argument("--uplink-share", type=float_in(0, 1, low_open=True), default=0.05, metavar="S",
+                        help="most bytes uplinked per round, as a share of the streamed clips' raw frames; the "
+                        "least confident clips go first (default: %(default)s)")
     parser.add_argument("--eval-n", type=positive_int, default=eval_n,
                         help="held-out clips per domain for each accuracy (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=4, help="AKD epochs per round (default: %(default)s)")
@@ -84,13 +87,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", help="one device, one cloud, a shifted stream: the round trip on loopback",
                           description="Run the cloud-device round trip offline (embedded device model, shipped "
                           "teacher, a real service on loopback) and write a JSON + HTML report.")
-    _common(demo, out="collab-demo", domains="dusk", stream=1000, uplink=150, eval_n=300)
+    _common(demo, out="collab-demo", domains="dusk", stream=1000, uplink=200, eval_n=300)
     demo.add_argument("--variant", type=_variants, default=("akd",), metavar="V[,V...]",
                       help="what the cloud does (default: akd; see `tokensieve bench collab`)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    _common(parser, out="benchmarks/collab", domains="dusk,fog", stream=1000, uplink=150, eval_n=300)
+    _common(parser, out="benchmarks/collab", domains="dusk,fog", stream=1000, uplink=200, eval_n=300)
     parser.add_argument("--variants", type=_variants, default=BENCH_VARIANTS, metavar="V[,V...]",
                         help=f"what to compare (default: {','.join(BENCH_VARIANTS)})")
     parser.add_argument("--resume", action="store_true",
@@ -135,7 +138,7 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
     hf_logging.disable_progress_bar()
     device_model, teacher, processor = _setup(args)
     cfg = RoundsConfig(domains=tuple(args.domains), stream=args.stream, max_uplink=args.max_uplink,
-                       eval_n=args.eval_n, replay=args.replay, akd=AKDConfig(epochs=args.epochs))
+                       uplink_share=args.uplink_share,                       eval_n=args.eval_n, replay=args.replay, akd=AKDConfig(epochs=args.epochs))
     began = time.perf_counter()
     runs: dict[str, Any] = {}
     partial = out / "collab.partial.json"

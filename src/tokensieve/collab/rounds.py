@@ -4,7 +4,8 @@ Each round:
 
 1. **Device** (:class:`Device`) answers a stream of clips from the current domain with greedy
    ``generate``; UTS-1 keeps the samples it answered unsurely (confidence Π_t max softmax(z_t/T)
-   below the threshold), at most ``max_uplink`` of them, least confident first; UTS-2 keeps
+   below the threshold), least confident first, at most ``max_uplink`` of them and as many as
+   fit ``uplink_share`` of the streamed clips' raw frame bytes; UTS-2 keeps
    ⌊(1 − mask_ratio)·N⌋ of each one's vision-encoder tokens; the payload (safetensors +
    manifest, :mod:`tokensieve.collab.uplink`) goes up through :class:`~.service.client.CloudClient`.
 2. **Cloud** (:class:`Cloud`) downloads and verifies it, pseudo-labels the samples with the
@@ -53,6 +54,8 @@ class RoundsConfig:
     domains: tuple[str, ...] = ("dusk",)
     stream: int = 1000
     max_uplink: int = 200
+    uplink_share: float = 0.05
+    uplink_dtype: str = "int8"
     eval_n: int = 300
     batch_size: int = 25
     uts: UTS = field(default_factory=lambda: UTS(temperature=1.0, threshold=0.9, mask_ratio=0.75, payload="sparse",
@@ -73,9 +76,14 @@ class RoundsConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.downlink_share, bool) or not isinstance(self.downlink_share, (int, float)) \
-                or not 0 < self.downlink_share <= 1:
-            raise InputError(f"downlink_share must be in (0, 1], got {self.downlink_share!r}")
+        for name in ("uplink_share", "downlink_share"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise InputError(f"{name} must be in (0, 1], got {value!r}")
+        from .uplink import DTYPES
+
+        if self.uplink_dtype not in DTYPES:
+            raise InputError(f"uplink_dtype must be one of {', '.join(DTYPES)}, got {self.uplink_dtype!r}")
         if self.quant not in dwc.QUANTS:
             raise InputError(f"quant must be one of {', '.join(dwc.QUANTS)}, got {self.quant!r}")
         if not (isinstance(self.replay, (int, float)) and 0 <= self.replay <= 10):
@@ -84,6 +92,11 @@ class RoundsConfig:
 
 def _frames_bytes(frames: Any) -> int:
     return int(frames.size) * int(frames.itemsize)
+
+
+def uplink_bytes(blob: bytes, manifest: dict[str, Any]) -> int:
+    """What an uplink costs on the wire: its tensors plus its manifest as compact JSON."""
+    return len(blob) + len(json.dumps(manifest, separators=(",", ":")).encode())
 
 
 def model_fp16_bytes(model: torch.nn.Module) -> int:
@@ -95,10 +108,14 @@ class Device:
     """The device: its model (with adapters), the UTS filter and (optionally) a client to the cloud."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, uts: UTS, *, batch_size: int = 25,
-                 client: Any = None) -> None:
+                 client: Any = None, token_dtype: str = "as-is") -> None:
         from ..models import get_adapter
+        from .uplink import DTYPES
 
+        if token_dtype not in DTYPES:
+            raise InputError(f"uplink token dtype must be one of {', '.join(DTYPES)}, got {token_dtype!r}")
         self.model, self.processor, self.uts, self.batch_size, self.client = model, processor, uts, batch_size, client
+        self.token_dtype = token_dtype
         self.adapter = get_adapter(model)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -147,8 +164,14 @@ class Device:
         return [int(i) for i in order if bool(mask[i])][:limit]
 
     def make_uplink(self, device_id: str, round_: int, examples: Sequence[Any], answers: Sequence[str],
-                    confidence: torch.Tensor, *, mask_tokens: bool = True) -> tuple[bytes, dict[str, Any]]:
-        """UTS-2 on the chosen samples and the uplink payload (tokens in fp16)."""
+                    confidence: torch.Tensor, *, mask_tokens: bool = True, max_bytes: float = math.inf
+                    ) -> tuple[bytes, dict[str, Any]]:
+        """UTS-2 on the chosen samples and the uplink payload (tokens in fp16, or int8 with
+        ``token_dtype="int8"``).
+
+        With ``max_bytes`` the payload (tensors + compact JSON manifest) holds the longest prefix
+        of ``examples`` (least confident first, as :meth:`choose` orders them) that fits; the
+        manifest's ``sample_ids`` say which went up."""
         tokens = self.tokens(examples)
         if not mask_tokens:
             keep = torch.ones(tokens.shape[:2], dtype=torch.bool)
@@ -157,11 +180,27 @@ class Device:
                               for s in range(0, len(tokens), self.batch_size)])
         else:
             keep = self.uts.tokens_to_keep(tokens)
-        up = Uplink(device_id=device_id, round=round_, sample_ids=[str(e.seed) for e in examples],
-                    tokens=tokens.to(torch.float16), keep=keep, answers=list(answers),
-                    confidences=[float(c) for c in confidence],
-                    extra={"questions": [e.question for e in examples], "domain": examples[0].domain if examples else ""})
-        return encode_uplink(up, self.uts.payload)
+        tokens = tokens.to(torch.float16)
+
+        def encode(n: int) -> tuple[bytes, dict[str, Any]]:
+            up = Uplink(device_id=device_id, round=round_, sample_ids=[str(e.seed) for e in examples[:n]],
+                        tokens=tokens[:n], keep=keep[:n], answers=list(answers[:n]),
+                        confidences=[float(c) for c in confidence[:n]],
+                        extra={"questions": [e.question for e in examples[:n]],
+                               "domain": examples[0].domain if examples else ""})
+            return encode_uplink(up, self.uts.payload, self.token_dtype)
+
+        out = encode(len(examples))
+        if uplink_bytes(*out) <= max_bytes:
+            return out
+        lo, hi = 0, len(examples)  # the longest prefix that fits: bytes grow with every sample
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if uplink_bytes(*encode(mid)) <= max_bytes else (lo, mid)
+        if lo == 0:
+            raise InputError(f"the uplink budget ({max_bytes:,.0f} bytes) is smaller than one sample's payload "
+                             f"({uplink_bytes(*encode(1)):,} bytes)")
+        return encode(lo)
 
     def apply(self, data: bytes) -> Any:
         """Verify and apply a DWC update to the device's trainable state (all or nothing)."""
@@ -283,7 +322,8 @@ def run_rounds(
     with LocalService(service_root, **limits) as svc, svc.admin_client(timeout=120) as admin:
         reg = admin.create_device(f"device-{variant}")
         with CloudClient(svc.url, reg["token"], timeout=120) as client:
-            device = Device(model, processor, cfg.uts, batch_size=cfg.batch_size, client=client)
+            device = Device(model, processor, cfg.uts, batch_size=cfg.batch_size, client=client,
+                            token_dtype=cfg.uplink_dtype)
             for r, domain in enumerate(cfg.domains, start=1):
                 row: dict[str, Any] = {"round": r, "domain": domain, "seconds": {}}
                 t0 = time.perf_counter()
@@ -295,23 +335,28 @@ def run_rounds(
                     chosen = list(range(len(stream)))
                 else:
                     chosen = device.choose(conf, cfg.max_uplink)
-                picked = [stream[i] for i in chosen]
                 row["stream"] = len(stream)
                 row["device_stream_accuracy"] = sum(synthvid.check_answer(e, a) for e, a in zip(stream, answers)) / len(stream)
-                row["uplinked"] = len(picked)
+                row["uncertain"] = len(chosen)
                 row["seconds"]["device_infer"] = time.perf_counter() - t0
-                if not picked:
+                if not chosen:
                     log(f"[{variant}] round {r}: nothing uncertain to uplink")
+                    row["uplinked"] = 0
                     row["accuracy"] = evaluate_all(model)
                     result["rounds"].append(row)
                     continue
                 t0 = time.perf_counter()
-                blob, manifest = device.make_uplink(reg["device_id"], r, picked, [answers[i] for i in chosen],
-                                                    conf[chosen], mask_tokens=variant not in ("akd-all", "oracle"))
+                raw = sum(_frames_bytes(e.frames) for e in stream)
+                whole = variant in ("akd-all", "oracle")  # the baselines that send everything, unmasked
+                blob, manifest = device.make_uplink(reg["device_id"], r, [stream[i] for i in chosen],
+                                                    [answers[i] for i in chosen], conf[chosen], mask_tokens=not whole,
+                                                    max_bytes=math.inf if whole else cfg.uplink_share * raw)
+                chosen = chosen[: len(manifest["sample_ids"])]
+                picked = [stream[i] for i in chosen]
+                row["uplinked"] = len(picked)
                 sent = client.upload(blob, manifest)
                 row["seconds"]["uplink"] = time.perf_counter() - t0
-                raw = sum(_frames_bytes(e.frames) for e in stream)
-                up_bytes = len(blob) + len(json.dumps(manifest, separators=(",", ":")).encode())
+                up_bytes = uplink_bytes(blob, manifest)
                 row["bytes_up"] = up_bytes
                 row["uplink_vs_raw_stream"] = up_bytes / raw
                 row["uplink_vs_raw_uplinked"] = up_bytes / sum(_frames_bytes(e.frames) for e in picked)

@@ -9,6 +9,11 @@ and raises :class:`UplinkError` on anything that does not match.
 Payloads (UTS, ``specs/cdcca.md`` §2.2): ``"dense_zeroed"`` sends ``[B, N, C]`` with the
 masked tokens zeroed (the reference); ``"sparse"`` sends only the kept tokens ``[K, C]`` plus the
 ``[B, N]`` slot mask, and the receiver scatters them back into zeros.
+
+Token precision (``dtype``): the tokens' own dtype (e.g. fp16) as they are, or ``"int8"``:
+symmetric per-token quantisation, ``q = round(127·x / max|x|)`` with the fp16 ``scale``
+``max|x| / 127`` of each token sent beside it (half the bytes of fp16; the receiver gets
+``q·scale``, within half a step of each value).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 from ..errors import InputError
 
 FORMAT = "tokensieve-uplink/1"
+#: Token precisions :func:`encode_uplink` knows: the tokens as they are, or int8 with per-token scales.
+DTYPES = ("as-is", "int8")
 MAX_MANIFEST = 1 << 20
 
 
@@ -45,12 +52,22 @@ class Uplink:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def encode_uplink(up: Uplink, payload: str = "sparse") -> tuple[bytes, dict[str, Any]]:
-    """``(safetensors bytes, manifest)`` of ``up``; ``payload`` ``"sparse"`` or ``"dense_zeroed"``."""
+def quantise_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 values, fp16 scales)`` of ``tokens`` ``[..., C]``: one symmetric scale per token."""
+    scale = (tokens.float().abs().amax(dim=-1) / 127).to(torch.float16)
+    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)
+    return (tokens.float() / safe).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def encode_uplink(up: Uplink, payload: str = "sparse", dtype: str = "as-is") -> tuple[bytes, dict[str, Any]]:
+    """``(safetensors bytes, manifest)`` of ``up``; ``payload`` ``"sparse"`` or ``"dense_zeroed"``,
+    ``dtype`` ``"as-is"`` (the tokens' own dtype) or ``"int8"`` (per-token scales; module docstring)."""
     from safetensors.torch import save
 
     if payload not in ("sparse", "dense_zeroed"):
         raise InputError(f"uplink payload must be 'sparse' or 'dense_zeroed', got {payload!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"uplink token dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if up.tokens.dim() != 3 or tuple(up.keep.shape) != tuple(up.tokens.shape[:2]):
         raise InputError(f"tokens must be [B, N, C] and keep [B, N], got {tuple(up.tokens.shape)} and {tuple(up.keep.shape)}")
     B = up.tokens.shape[0]
@@ -62,6 +79,8 @@ def encode_uplink(up: Uplink, payload: str = "sparse") -> tuple[bytes, dict[str,
         tensors = {"tokens": tokens[keep].contiguous(), "keep": keep.to(torch.uint8)}
     else:
         tensors = {"tokens": (tokens * keep.unsqueeze(-1).to(tokens.dtype)).contiguous(), "keep": keep.to(torch.uint8)}
+    if dtype == "int8":
+        tensors["tokens"], tensors["scale"] = quantise_int8(tensors["tokens"])
     blob = save(tensors)
     manifest = {
         "format": FORMAT,
@@ -105,8 +124,9 @@ def decode_uplink(blob: bytes, manifest: dict[str, Any] | str | bytes) -> Uplink
     except Exception as exc:  # noqa: BLE001 - any parse failure of foreign bytes is a clear refusal
         raise UplinkError(f"the uplink payload is not valid safetensors: {exc}") from None
     described = manifest.get("tensors")
-    if not isinstance(described, dict) or set(tensors) != set(described) or set(tensors) != {"tokens", "keep"}:
-        raise UplinkError("the uplink payload must hold exactly the tensors 'tokens' and 'keep' its manifest lists")
+    if not isinstance(described, dict) or set(tensors) != set(described) or set(tensors) - {"scale"} != {"tokens", "keep"}:
+        raise UplinkError("the uplink payload must hold exactly the tensors its manifest lists: 'tokens', 'keep' "
+                          "and, for int8 tokens, 'scale'")
     for k, t in tensors.items():
         d = described[k]
         if not isinstance(d, dict) or d.get("shape") != list(t.shape) or d.get("dtype") != str(t.dtype).removeprefix("torch."):
@@ -124,6 +144,13 @@ def decode_uplink(blob: bytes, manifest: dict[str, Any] | str | bytes) -> Uplink
     if manifest.get("kept_per_sample") != keep.sum(dim=1).tolist():
         raise UplinkError("the manifest's kept-token counts do not match the keep mask")
     tok = tensors["tokens"]
+    if "scale" in tensors:
+        scale = tensors["scale"]
+        if tok.dtype != torch.int8 or scale.dtype != torch.float16 or tuple(scale.shape) != tuple(tok.shape[:-1]):
+            raise UplinkError("int8 tokens need int8 values and one fp16 scale per token")
+        tok = tok.float() * scale.float().unsqueeze(-1)
+    elif not tok.is_floating_point():
+        raise UplinkError(f"tokens of dtype {tok.dtype} need a 'scale' tensor")
     if manifest.get("payload") == "sparse":
         if tuple(tok.shape) != (int(keep.sum()), C):
             raise UplinkError("sparse tokens do not match the number of kept slots")
