@@ -276,7 +276,8 @@ def test_replayed_samples_keep_the_features_the_student_had_before_the_fit(devic
     positions; distilled samples do not count in it, and it is zero while the student has not moved."""
     model, processor = device
     student = add_adapters(copy.deepcopy(model))
-    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q), AKDConfig(epochs=1, batch_size=4))
+    d = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q),
+                  AKDConfig(epochs=1, batch_size=4, anchor=2.5))
     clips = _clips(4, heldout=13)
     answers = ["red circle", "three", "left", "blue"]
     samples = _samples(model, processor, clips, answers)
@@ -301,11 +302,12 @@ def test_replayed_samples_keep_the_features_the_student_had_before_the_fit(devic
         for layer in range(layers):
             diffs[layer].append(((s_h[layer] - a_h[layer]) ** 2).flatten())
             refs[layer].append((a_h[layer] ** 2).flatten())
-    expected = float(np.mean([float(torch.cat(diffs[i]).mean() / torch.cat(refs[i]).mean()) for i in range(layers)]))
+    expected = 2.5 * float(np.mean([float(torch.cat(diffs[i]).mean() / torch.cat(refs[i]).mean())
+                                    for i in range(layers)]))
     assert expected > 0 and float(terms["anchor"]) == pytest.approx(expected, rel=1e-4)
     d._anchor = None
     no_anchor = Distiller(student, teacher, processor, lambda q: prompt_for(processor, q),
-                          AKDConfig(epochs=1, batch_size=4, anchor=False))
+                          AKDConfig(epochs=1, batch_size=4, anchor=0))
     seen.clear()
     no_anchor.fit(samples, progress=seen.append)
     assert "anchor" not in seen[0]

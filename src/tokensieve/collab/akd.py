@@ -97,9 +97,9 @@ class AKDConfig:
     token_norm: bool = field(default=True, metadata={
         "help": "layer-normalise (no affine) both projections before L_token, as the reference's projector "
                 "(Linear + LayerNorm) does; LLaVA's projector has no norm and its outputs are ~100x larger"})
-    anchor: bool = field(default=True, metadata={
-        "help": "L_anchor on replayed samples (distil=False): keep every decoder hidden state where it was when the "
-                "fit began (relative MSE against a frozen copy; learning without forgetting)"})
+    anchor: float = field(default=5.0, metadata={
+        "help": "weight of L_anchor on replayed samples (distil=False): keep every decoder hidden state where it "
+                "was when the fit began (relative MSE against a frozen copy; learning without forgetting); 0: off"})
     wavelet: str = field(default="db6", metadata={"help": "wavelet of the frequency term"})
     levels: int = field(default=3, metadata={"help": "wavelet levels (detail bands compared)"})
     wavelet_mode: str = field(default="zero", metadata={"help": "boundary mode of the transform"})
@@ -110,7 +110,7 @@ class AKDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"AKD {name} must be a positive integer, got {value!r}")
-        for name in ("lr", "min_lr", "warmup", "clip_grad", "weight_decay", "lora_alpha"):
+        for name in ("lr", "min_lr", "warmup", "clip_grad", "weight_decay", "lora_alpha", "anchor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise InputError(f"AKD {name} must be a finite number >= 0, got {value!r}")
@@ -379,7 +379,7 @@ class Distiller:
         cfg = self.cfg
         # L_anchor's reference: the student as it is now (the device's current weights), frozen
         self._anchor = (copy.deepcopy(self.student).eval().requires_grad_(False)
-                        if cfg.anchor and any(not s.distil for s in samples) else None)
+                        if cfg.anchor > 0 and any(not s.distil for s in samples) else None)
         params = _set_trainable(self.student)
         align_params = list(self.align.parameters()) if (cfg.token_kd or cfg.feature_kd) else []
         decay = [p for p in params + align_params if p.ndim >= 2]
@@ -462,7 +462,7 @@ class Distiller:
             mask = sub["attention_mask"].bool().to(hidden.device)
             rel = [((h[idx.to(h.device)][mask].float() - a[mask].float()) ** 2).mean() / a[mask].float().pow(2).mean()
                    for h, a in zip(states, a_states)]
-            terms["anchor"] = torch.stack(rel).mean()
+            terms["anchor"] = cfg.anchor * torch.stack(rel).mean()
         return terms
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

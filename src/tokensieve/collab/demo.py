@@ -60,23 +60,36 @@ def _variants(text: str) -> tuple[str, ...]:
     return names
 
 
-def _common(parser: argparse.ArgumentParser, *, out: str, domains: str, stream: int, uplink: int, eval_n: int) -> None:
+def _common(parser: argparse.ArgumentParser, *, out: str, domains: str, stream: int, eval_n: int) -> None:
+    from dataclasses import fields
+
+    from .akd import AKDConfig
+    from .rounds import RoundsConfig
+    from .uplink import DTYPES
+
+    defaults = {f.name: f.default for cls in (AKDConfig, RoundsConfig) for f in fields(cls)}  # never instantiated here
     parser.add_argument("--out", default=out, help="output directory (default: %(default)s)")
     parser.add_argument("--domains", type=_domains, default=_domains(domains), metavar="D[,D...]",
                         help=f"the shifted domain of each round, in order (default: {domains})")
     parser.add_argument("--stream", type=positive_int, default=stream,
                         help="clips the device answers per round (default: %(default)s)")
-    parser.add_argument("--max-uplink", type=positive_int, default=uplink,
+    parser.add_argument("--max-uplink", type=positive_int, default=defaults["max_uplink"],
                         help="most uncertain clips uplinked per round (default: %(default)s)")
-    parser.add_argument("--uplink-share", type=float_in(0, 1, low_open=True), default=0.05, metavar="S",
+    parser.add_argument("--uplink-share", type=float_in(0, 1, low_open=True), default=defaults["uplink_share"],
+                        metavar="S",
                         help="most bytes uplinked per round, as a share of the streamed clips' raw frames; the "
                         "least confident clips go first (default: %(default)s)")
     parser.add_argument("--eval-n", type=positive_int, default=eval_n,
                         help="held-out clips per domain for each accuracy (default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=4, help="AKD epochs per round (default: %(default)s)")
-    parser.add_argument("--replay", type=_replay, default=4.0,
-                        help="source clips the cloud replays per uplinked clip, learnt with L_CE so the device "
+    parser.add_argument("--replay", type=_replay, default=defaults["replay"],
+                        help="source clips the cloud replays per uplinked clip, learnt with L_CE and L_anchor so the device "
                         "keeps the source domain (0: the paper's AKD alone; default: %(default)s)")
+    parser.add_argument("--anchor", type=float_in(0.0, 1000.0), default=defaults["anchor"], metavar="W",
+                        help="weight of L_anchor, which keeps the replayed source clips' hidden states where they "
+                        "were (0: off; default: %(default)s)")
+    parser.add_argument("--uplink-dtype", choices=DTYPES, default=defaults["uplink_dtype"],
+                        help="precision of the uplinked tokens (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--teacher", default=None, metavar="PATH",
                         help="cloud teacher directory (default: the shipped one)")
@@ -87,13 +100,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", help="one device, one cloud, a shifted stream: the round trip on loopback",
                           description="Run the cloud-device round trip offline (embedded device model, shipped "
                           "teacher, a real service on loopback) and write a JSON + HTML report.")
-    _common(demo, out="collab-demo", domains="dusk", stream=1000, uplink=200, eval_n=300)
+    _common(demo, out="collab-demo", domains="dusk", stream=1000, eval_n=300)
     demo.add_argument("--variant", type=_variants, default=("akd",), metavar="V[,V...]",
                       help="what the cloud does (default: akd; see `tokensieve bench collab`)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    _common(parser, out="benchmarks/collab", domains="dusk,fog", stream=1000, uplink=200, eval_n=300)
+    _common(parser, out="benchmarks/collab", domains="dusk,fog", stream=1000, eval_n=300)
     parser.add_argument("--variants", type=_variants, default=BENCH_VARIANTS, metavar="V[,V...]",
                         help=f"what to compare (default: {','.join(BENCH_VARIANTS)})")
     parser.add_argument("--resume", action="store_true",
@@ -138,7 +151,9 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
     hf_logging.disable_progress_bar()
     device_model, teacher, processor = _setup(args)
     cfg = RoundsConfig(domains=tuple(args.domains), stream=args.stream, max_uplink=args.max_uplink,
-                       uplink_share=args.uplink_share,                       eval_n=args.eval_n, replay=args.replay, akd=AKDConfig(epochs=args.epochs))
+                       uplink_share=args.uplink_share, eval_n=args.eval_n, replay=args.replay,
+                       uplink_dtype=args.uplink_dtype,
+                       akd=AKDConfig(epochs=args.epochs, anchor=args.anchor))
     began = time.perf_counter()
     runs: dict[str, Any] = {}
     partial = out / "collab.partial.json"

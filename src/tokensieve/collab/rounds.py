@@ -53,7 +53,7 @@ class RoundsConfig:
 
     domains: tuple[str, ...] = ("dusk",)
     stream: int = 1000
-    max_uplink: int = 200
+    max_uplink: int = 400
     uplink_share: float = 0.05
     uplink_dtype: str = "int8"
     eval_n: int = 300
@@ -63,7 +63,7 @@ class RoundsConfig:
     akd: AKDConfig = field(default_factory=AKDConfig)
     downlink_share: float = 0.01
     quant: str = "int4"
-    replay: float = 4.0
+    replay: float = 8.0
     seed: int = 0
 
     def __post_init__(self) -> None:
