@@ -11,6 +11,16 @@ The trained weights ship in ``tokensieve/zoo/embedded/`` and load with the ordin
 
 >>> from tokensieve.zoo.model import load_embedded
 >>> model, processor = load_embedded()                     # doctest: +SKIP
+
+A second architecture, ``arch="qwen2-vl"`` (every builder here takes ``arch=``; the default is
+``"llava-onevision"``), is the real ``Qwen2VLForConditionalGeneration`` with the same decoder
+(:data:`TEXT`, with multimodal rotary positions, M-RoPE) and a small Qwen2-VL vision tower
+(:data:`QWEN_VISION`: 8-pixel patches, two frames per temporal patch, 2×2 patches merged into one
+token). A 64×64 frame stays 64×64, so a pair of frames is an 8×8 patch grid merged to 4×4 = 16
+tokens, each covering exactly one 16-pixel cell of :mod:`~tokensieve.zoo.synthvid` over both
+frames: a 16-frame clip is 128 visual tokens and no newline. Its weights go to
+``tokensieve/zoo/embedded-qwen2-vl/`` (:data:`EMBEDDED_QWEN_DIR`;
+``python -m tokensieve.zoo.train --arch qwen2-vl``) and load with ``load_embedded(arch="qwen2-vl")``.
 """
 
 from __future__ import annotations
@@ -27,9 +37,14 @@ from ..tiny import video_processor_config
 from . import synthvid
 
 __all__ = [
+    "ARCHS",
     "EMBEDDED_DIR",
+    "EMBEDDED_DIRS",
+    "EMBEDDED_QWEN_DIR",
+    "QWEN_VISION",
     "SIZES",
     "TEACHER_DIR",
+    "arch_of",
     "build_model",
     "build_processor",
     "build_tokenizer",
@@ -41,13 +56,22 @@ __all__ = [
     "save_model",
 ]
 
+#: Architectures of the embedded model: LLaVA-OneVision (the default, shipped) and Qwen2-VL.
+ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl")
+
 #: Directory of the shipped model inside the package.
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+#: Directory of the embedded Qwen2-VL model inside the package.
+EMBEDDED_QWEN_DIR = Path(__file__).resolve().parent / "embedded-qwen2-vl"
+#: Where each architecture's embedded model lives.
+EMBEDDED_DIRS: dict[str, Path] = {"llava-onevision": EMBEDDED_DIR, "qwen2-vl": EMBEDDED_QWEN_DIR}
 
 FRAME = synthvid.SIZE
 PATCH = 8
 
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "[UNK]"]
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "[UNK]"]
 _CHAT_WORDS = ["system", "user", "assistant"]
 
 VISION = {
@@ -82,19 +106,61 @@ TEACHER_TEXT = dict(TEXT, num_hidden_layers=8)
 #: Model sizes :func:`build_model` knows: the device (the embedded model) and the cloud teacher.
 SIZES = {"device": TEXT, "teacher": TEACHER_TEXT}
 
+#: The Qwen2-VL vision tower, about the size of :data:`VISION`: 8-pixel patches over two frames
+#: (a 3-D convolution), 2 blocks of width 96, and the merger that turns each 2×2 group of patches
+#: into one token of the decoder's width.
+QWEN_VISION = {
+    "depth": 2,
+    "embed_dim": 96,
+    "num_heads": 4,
+    "mlp_ratio": 2,
+    "patch_size": PATCH,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "hidden_size": TEXT["hidden_size"],
+}
+#: How M-RoPE splits the decoder's 16 rotary frequencies (head_dim 32) between time, height and
+#: width: Qwen2-VL's 16/24/24 of 64, scaled to 16.
+MROPE_SECTION = [4, 6, 6]
+#: Pixels of one frame, the Qwen processor's lower and upper bound alike: frames stay 64×64.
+QWEN_PIXELS = FRAME * FRAME
+
 #: Directory of the shipped cloud teacher inside the package.
 TEACHER_DIR = Path(__file__).resolve().parent / "teacher"
 
 
-def _chat_template() -> str:
-    """ChatML: the video placeholder first, then the question, then the assistant turn."""
+def _check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    return arch
+
+
+def arch_of(obj: Any) -> str:
+    """The architecture (:data:`ARCHS`) of a model, a config or a processor of this module."""
+    config = getattr(obj, "config", obj)
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None:
+        return "qwen2-vl" if str(model_type).startswith("qwen2_vl") else "llava-onevision"
+    return "qwen2-vl" if type(obj).__name__.startswith("Qwen2VL") else "llava-onevision"
+
+
+def _chat_template(arch: str = "llava-onevision") -> str:
+    """ChatML: the video placeholder first, then the question, then the assistant turn.
+
+    LLaVA-OneVision's placeholder is ``<video>`` and a line break; Qwen2-VL's is
+    ``<|vision_start|><|video_pad|><|vision_end|>`` (as its own template writes it).
+    """
+    if arch == "qwen2-vl":
+        image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+    else:
+        image, video = "<image>\\n", "<video>\\n"
     return (
         "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for item in message['content'] -%}"
-        "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}"
-        "{%- elif item['type'] == 'video' -%}{{ '<video>\\n' }}"
+        "{%- if item['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif item['type'] == 'video' -%}{{ '" + video + "' }}"
         "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\\n' }}"
@@ -103,35 +169,59 @@ def _chat_template() -> str:
     )
 
 
-def build_tokenizer() -> Any:
-    """A word-level ``PreTrainedTokenizerFast``: one id per word of the synthetic data, ``[UNK]`` otherwise."""
+def build_tokenizer(*, arch: str = "llava-onevision") -> Any:
+    """A word-level ``PreTrainedTokenizerFast``: one id per word of the synthetic data, ``[UNK]`` otherwise.
+
+    The special tokens are those of ``arch``'s processor (``<image>``/``<video>``, or Qwen2-VL's
+    ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = _SPECIALS + _CHAT_WORDS + [w for w in synthvid.vocabulary() if w not in _CHAT_WORDS]
+    _check_arch(arch)
+    specials = _QWEN_SPECIALS if arch == "qwen2-vl" else _SPECIALS
+    words = specials + _CHAT_WORDS + [w for w in synthvid.vocabulary() if w not in _CHAT_WORDS]
     vocab = {w: i for i, w in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIALS])
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if arch == "qwen2-vl":
+        extra = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    else:
+        extra = {"image_token": "<image>", "video_token": "<video>"}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="[UNK]",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens=extra,
         model_max_length=2048,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = _chat_template()
+    tokenizer.chat_template = _chat_template(arch)
     return tokenizer
 
 
-def _image_processor() -> Any:
+def _image_processor(arch: str = "llava-onevision") -> Any:
     from tokensieve.processing import has_torchvision
 
+    if arch == "qwen2-vl":
+        qwen: dict[str, Any] = {
+            "size": {"shortest_edge": QWEN_PIXELS, "longest_edge": QWEN_PIXELS},
+            "patch_size": PATCH,
+            "temporal_patch_size": QWEN_VISION["temporal_patch_size"],
+            "merge_size": QWEN_VISION["spatial_merge_size"],
+            "image_mean": list(_CLIP_MEAN),
+            "image_std": list(_CLIP_STD),
+        }
+        if has_torchvision():
+            from transformers import Qwen2VLImageProcessor as qwen_cls
+        else:
+            from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil as qwen_cls
+        return qwen_cls(**qwen)
     kwargs: dict[str, Any] = {
         "size": {"height": FRAME, "width": FRAME},
         "image_grid_pinpoints": [[FRAME, FRAME], [FRAME, 2 * FRAME], [2 * FRAME, FRAME], [2 * FRAME, 2 * FRAME]],
@@ -146,13 +236,33 @@ def _image_processor() -> Any:
     return cls(**kwargs)
 
 
-def build_processor(tokenizer: Any | None = None) -> Any:
-    """The ``LlavaOnevisionProcessor`` of the embedded model (64×64 frames, 16 tokens per frame)."""
-    from transformers import LlavaOnevisionProcessor
-
+def build_processor(tokenizer: Any | None = None, *, arch: str = "llava-onevision") -> Any:
+    """The processor of the embedded model: ``LlavaOnevisionProcessor`` (64×64 frames, 16 tokens
+    per frame) or, for ``arch="qwen2-vl"``, ``Qwen2VLProcessor`` (64×64 frames, 16 tokens per
+    pair of frames)."""
     from tokensieve.processing import assemble_processor
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    _check_arch(arch)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(arch=arch)
+    if arch == "qwen2-vl":
+        from transformers import Qwen2VLProcessor
+
+        qwen_video = dict(
+            video_processor_config("qwen2-vl"),
+            size={"shortest_edge": QWEN_PIXELS, "longest_edge": QWEN_PIXELS},
+            patch_size=PATCH,
+            temporal_patch_size=QWEN_VISION["temporal_patch_size"],
+            merge_size=QWEN_VISION["spatial_merge_size"],
+        )
+        return assemble_processor(
+            Qwen2VLProcessor,
+            tokenizer=tokenizer,
+            image_processor=_image_processor(arch),
+            video_processor_config=qwen_video,
+            chat_template=tokenizer.chat_template,
+        )
+    from transformers import LlavaOnevisionProcessor
+
     video_config = dict(video_processor_config("llava-onevision"), size={"height": FRAME, "width": FRAME})
     return assemble_processor(
         LlavaOnevisionProcessor,
@@ -166,17 +276,29 @@ def build_processor(tokenizer: Any | None = None) -> Any:
     )
 
 
-def embedded_config(tokenizer: Any | None = None, size: str = "device") -> Any:
-    """The ``LlavaOnevisionConfig`` of the embedded model (``size="device"``) or of the cloud
-    teacher (``"teacher"``, see :data:`TEACHER_TEXT`)."""
-    from transformers import LlavaOnevisionConfig
-
+def embedded_config(tokenizer: Any | None = None, size: str = "device", *, arch: str = "llava-onevision") -> Any:
+    """The config of the embedded model (``size="device"``) or of the cloud teacher
+    (``"teacher"``, see :data:`TEACHER_TEXT`): a ``LlavaOnevisionConfig``, or for
+    ``arch="qwen2-vl"`` a ``Qwen2VLConfig`` (same decoder with :data:`MROPE_SECTION`, vision
+    tower :data:`QWEN_VISION`)."""
+    _check_arch(arch)
     if size not in SIZES:
         raise InputError(f"unknown model size {size!r}; expected one of {', '.join(SIZES)}")
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(arch=arch)
     pad_id = int(tokenizer.pad_token_id)
     eos_id = int(tokenizer.eos_token_id)
     text = dict(SIZES[size], vocab_size=len(tokenizer), bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if arch == "qwen2-vl":
+        from transformers import Qwen2VLConfig
+
+        text.pop("model_type")
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=list(MROPE_SECTION))
+        ids = {name: int(tokenizer.convert_tokens_to_ids(token)) for name, token in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        return Qwen2VLConfig(text_config=text, vision_config=dict(QWEN_VISION), tie_word_embeddings=False, **ids)
+    from transformers import LlavaOnevisionConfig
+
     return LlavaOnevisionConfig(
         vision_config=dict(VISION),
         text_config=text,
@@ -190,17 +312,21 @@ def embedded_config(tokenizer: Any | None = None, size: str = "device") -> Any:
     )
 
 
-def build_model(seed: int = 0, tokenizer: Any | None = None, size: str = "device") -> Any:
-    """A freshly initialised (untrained) model of ``size`` (:data:`SIZES`), float32, eval mode."""
+def build_model(seed: int = 0, tokenizer: Any | None = None, size: str = "device", *,
+                arch: str = "llava-onevision") -> Any:
+    """A freshly initialised (untrained) model of ``size`` (:data:`SIZES`) and ``arch``
+    (:data:`ARCHS`), float32, eval mode."""
     import torch
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    config = embedded_config(tokenizer, size)
+    _check_arch(arch)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(arch=arch)
+    config = embedded_config(tokenizer, size, arch=arch)
+    cls = Qwen2VLForConditionalGeneration if arch == "qwen2-vl" else LlavaOnevisionForConditionalGeneration
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
+        model = cls(config)
     finally:
         torch.random.set_rng_state(state)
     _generation_defaults(model, tokenizer)
@@ -250,13 +376,15 @@ def load_model(path: str | os.PathLike[str], attn_implementation: str = "sdpa") 
     return model, processor
 
 
-def load_embedded(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """The shipped, trained model and its processor."""
-    if not (EMBEDDED_DIR / "config.json").is_file():
-        raise InputError(
-            f"the embedded model is missing from {EMBEDDED_DIR}; train it with `python -m tokensieve.zoo.train`"
-        )
-    return load_model(EMBEDDED_DIR, attn_implementation)
+def load_embedded(attn_implementation: str = "sdpa", *, arch: str = "llava-onevision") -> tuple[Any, Any]:
+    """The shipped, trained model of ``arch`` (:data:`ARCHS`) and its processor."""
+    directory = EMBEDDED_DIRS[_check_arch(arch)]
+    if not (directory / "config.json").is_file():
+        which, command = "embedded model", "python -m tokensieve.zoo.train"
+        if arch != "llava-onevision":
+            which, command = f"embedded {arch} model", f"{command} --arch {arch}"
+        raise InputError(f"the {which} is missing from {directory}; train it with `{command}`")
+    return load_model(directory, attn_implementation)
 
 
 def load_teacher(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
