@@ -144,7 +144,8 @@ def score(examples: Sequence[synthvid.Example], answers: Iterable[str]) -> Score
 
 
 def evaluate_dir(path: str | Path, n: int = 1000, seed: int = 0, batch_size: int = 25) -> dict[str, Any]:
-    """Score the model in ``path`` on ``n`` held-out questions, with the real and with blank clips; prints a summary."""
+    """Score the model in ``path`` (either architecture of :mod:`tokensieve.zoo.model`) on ``n``
+    held-out questions, with the real and with blank clips; prints a summary."""
     from tqdm.auto import tqdm
 
     model, processor = load_model(path)
@@ -164,20 +165,25 @@ def evaluate_dir(path: str | Path, n: int = 1000, seed: int = 0, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tokensieve.zoo.evaluate [PATH] [--n N] [--seed S] [--json FILE]``."""
+    """``python -m tokensieve.zoo.evaluate [PATH] [--arch ARCH] [--n N] [--seed S] [--json FILE]``."""
     import argparse
     import json
 
-    from .model import EMBEDDED_DIR
+    from .model import ARCHS, EMBEDDED_DIRS
 
     parser = argparse.ArgumentParser(prog="python -m tokensieve.zoo.evaluate",
                                      description="Held-out accuracy of a synthetic-video model (and its blank-video control).")
-    parser.add_argument("path", nargs="?", default=str(EMBEDDED_DIR))
+    parser.add_argument("path", nargs="?", default=None,
+                        help="a saved model directory (LLaVA-OneVision or Qwen2-VL; default: the package's embedded "
+                        "model of --arch)")
+    parser.add_argument("--arch", choices=ARCHS, default="llava-onevision",
+                        help="whose embedded model to score when no PATH is given (default: %(default)s)")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    result = evaluate_dir(args.path, args.n, args.seed)
+    path = args.path if args.path is not None else str(EMBEDDED_DIRS[args.arch])
+    result = evaluate_dir(path, args.n, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

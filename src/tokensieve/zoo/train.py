@@ -26,6 +26,18 @@
   so the share it reads grows with the count). The model that ships is the plain LLaVA-OneVision
   architecture.
 * Inputs go through the model's own processor and chat template, exactly as at inference.
+
+``--arch qwen2-vl`` trains the same kind of model on the Qwen2-VL architecture
+(:func:`tokensieve.zoo.model.build_model` with ``arch="qwen2-vl"``), by the same recipe. Its
+visual tokens each cover one cell over a *pair* of frames (temporal patches of two frames, in
+(pair, row, column) order, 128 per clip, no newline after them), so the per-token targets are
+taken over the pair: the probe predicts the class of the cell in each of the two frames (one
+head for each, plus the row and column); the words taught at a token are those of every shape in
+the cell in either frame (:func:`pair_token_words`); and a token's guided-attention weight is
+the number of the pair's frames in which it holds the answer (0, 1 or 2, :func:`pair_attention`),
+so that a count's targets still weigh twice the count against :data:`COUNT_SINK`. Positions are
+Qwen2-VL's multimodal rotary ones (M-RoPE: time, height and width for the visual tokens), which
+the model computes itself from the attention mask and ``video_grid_thw``.
 """
 
 from __future__ import annotations
@@ -43,9 +55,20 @@ import numpy as np
 
 from .._argtypes import float_in, non_negative_int, positive_int
 from . import synthvid
-from .model import EMBEDDED_DIR, SIZES, TEACHER_DIR, build_model, build_processor, build_tokenizer, save_model
+from .model import (
+    ARCHS,
+    EMBEDDED_DIR,
+    EMBEDDED_DIRS,
+    SIZES,
+    TEACHER_DIR,
+    arch_of,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    save_model,
+)
 
-__all__ = ["TrainConfig", "main", "make_batch", "train"]
+__all__ = ["TrainConfig", "main", "make_batch", "pair_attention", "pair_token_words", "train"]
 
 _N_CLASSES = 1 + len(synthvid.COLOURS) * len(synthvid.SHAPES)
 
@@ -77,6 +100,7 @@ class TrainConfig(argparse.Namespace):
     grow_from: str | None
     domain_weights: list[float]
     mask_augment: float
+    arch: str
 
 
 #: How often each family is drawn in training (count, which the decoder learns last, most often;
@@ -131,7 +155,8 @@ TEACHER_ARGS = TEACHER_RECIPE + ("--grow-from", str(EMBEDDED_DIR), "--out", str(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tokensieve.zoo.train",
-        description="Train the embedded tiny LLaVA-OneVision on synthetic video QA (CPU, from scratch).",
+        description="Train the embedded tiny LLaVA-OneVision (or, with --arch qwen2-vl, Qwen2-VL) on synthetic "
+        "video QA (CPU, from scratch).",
     )
     parser.add_argument("--vision-steps", type=int, default=500,
                         help="first, steps that train only the vision tower and projector on the per-token probe "
@@ -157,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the vision tower fixed after the vision-only steps; the projector still "
                         "learns (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default: %(default)s)")
-    parser.add_argument("--out", default=str(EMBEDDED_DIR), help="output directory (default: the package's embedded/)")
-    parser.add_argument("--checkpoint-dir", default="train-checkpoints",
-                        help="where checkpoints go (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: the package's embedded/, or embedded-qwen2-vl/ with "
+                        "--arch qwen2-vl)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="where checkpoints go (default: train-checkpoints, or train-checkpoints-qwen2-vl "
+                        "with --arch qwen2-vl)")
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     parser.add_argument("--eval-n", type=int, default=200,
@@ -188,7 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of clips whose vision-tower tokens are masked as a device's uplink masks them "
                         "(UTS, the lowest-norm tokens kept, a mask ratio drawn from 0.25-0.75), so a cloud teacher "
                         "reads uplinked tokens as well as whole clips (default: %(default)s)")
+    parser.add_argument("--arch", choices=ARCHS, default="llava-onevision",
+                        help="architecture: the shipped LLaVA-OneVision or Qwen2-VL (M-RoPE, two frames per "
+                        "visual token; --teacher, --grow-from, --vision-from and --mask-augment are "
+                        "LLaVA-OneVision only; default: %(default)s)")
     return parser
+
+
+#: Options that only the LLaVA-OneVision recipe supports (the cloud teacher and its helpers).
+_LLAVA_ONLY = ("teacher", "grow_from", "vision_from", "mask_augment")
+
+
+def _resolve(cfg: TrainConfig) -> TrainConfig:
+    """Defaults that depend on ``--arch``; options the architecture does not support are refused."""
+    if cfg.arch != "llava-onevision":
+        used = [name for name in _LLAVA_ONLY if getattr(cfg, name, None)]
+        if used:
+            flags = ", ".join("--" + name.replace("_", "-") for name in used)
+            raise SystemExit(f"{flags}: LLaVA-OneVision only (the cloud teacher's recipe); not with --arch {cfg.arch}")
+    if cfg.out is None:
+        cfg.out = str(EMBEDDED_DIRS[cfg.arch])
+    if cfg.checkpoint_dir is None:
+        cfg.checkpoint_dir = "train-checkpoints" + ("" if cfg.arch == "llava-onevision" else f"-{cfg.arch}")
+    return cfg
 
 
 
@@ -256,6 +306,40 @@ def token_words(example: synthvid.Example) -> list[list[str | None]]:
         for obj in row:
             words[t * grid * grid + obj.cell[0] * grid + obj.cell[1]] = [obj.colour, obj.shape, _PLACE_OF.get(obj.cell)]
     return words
+
+
+#: Frames one visual token covers: LLaVA-OneVision pools each frame on its own, Qwen2-VL's
+#: temporal patches span two.
+FRAMES_PER_TOKEN = {"llava-onevision": 1, "qwen2-vl": 2}
+
+
+def pair_token_words(example: synthvid.Example) -> list[list[str | None]]:
+    """Per visual token of a Qwen2-VL clip (frame pair, row, column: ``T/2·16``), the words that
+    describe what is in its cell in either frame of the pair.
+
+    ``2·len(TOKEN_WORDS)`` slots: the words of the shape in the pair's first frame (as
+    :func:`token_words`), then those of the second frame's shape that the first did not already
+    give (a shape that stays is named once); ``None`` elsewhere.
+    """
+    per_frame = token_words(example)
+    cells = synthvid.GRID * synthvid.GRID
+    out: list[list[str | None]] = []
+    for pair in range(synthvid.FRAMES // 2):
+        for cell in range(cells):
+            first = per_frame[2 * pair * cells + cell]
+            second = per_frame[(2 * pair + 1) * cells + cell]
+            later = [w if w is not None and w not in first else None for w in second]
+            out.append(list(first) + later)
+    return out
+
+
+def pair_attention(attend: np.ndarray) -> np.ndarray:
+    """Qwen2-VL guidance weights from per-frame targets (bool ``[T·16]``, frame-major as
+    :func:`attention_targets` gives them): int64 ``[T/2·16]``, per token of a frame pair, the
+    number of the pair's frames (0, 1 or 2) whose cell holds a target. A count target's two-frame
+    appearance weighs 2 whether it falls in one pair or straddles two."""
+    cells = synthvid.GRID * synthvid.GRID
+    return np.asarray(attend).reshape(-1, 2, cells).sum(1).reshape(-1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -370,35 +454,42 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
     """Processor inputs for conversations about ``examples`` (each example's own question, then
     up to ``extra`` more, :func:`turns_for`), with their answers, plus the training targets.
 
-    Returns the processor's tensors (left padded) and ``position_ids`` (mask-aware, as
-    ``generate`` uses), and per turn (``Q`` = most turns in the batch): ``answer_pos`` ``[B, Q]``
-    (the position whose next token is the answer word; -1 where a conversation has fewer turns),
-    ``answer_ids`` ``[B, Q]`` (the answer words, -100 where none), ``attend`` ``[B, Q, T·16]``
-    and ``sink`` ``[B, Q]`` (:class:`Turn`), ``question_words`` ``[B, Q, L]`` (the colour and
-    shape words of each turn's question, where they are in ``input_ids``); and ``cells``
-    ``[B, T, 16]`` and ``cell_words`` ``[B, T·16, 3]`` (token ids of :func:`token_words`, -100
-    where none).
+    Returns the processor's tensors (left padded) and, for LLaVA-OneVision, ``position_ids``
+    (mask-aware, as ``generate`` uses; Qwen2-VL computes its own 3-D ones), and per turn (``Q`` =
+    most turns in the batch): ``answer_pos`` ``[B, Q]`` (the position whose next token is the
+    answer word; -1 where a conversation has fewer turns), ``answer_ids`` ``[B, Q]`` (the answer
+    words, -100 where none), ``attend`` ``[B, Q, N]`` and ``sink`` ``[B, Q]`` (:class:`Turn`),
+    ``question_words`` ``[B, Q, L]`` (the colour and shape words of each turn's question, where
+    they are in ``input_ids``); and ``cells`` ``[B, T, 16]`` and ``cell_words`` ``[B, N, K]``
+    (token ids of :func:`token_words`, -100 where none).
+
+    ``N`` is the number of visual tokens: ``T·16`` for LLaVA-OneVision (``attend`` bool, ``K`` 3);
+    ``T/2·16`` for Qwen2-VL (the architecture of ``processor``), where ``attend`` holds
+    :func:`pair_attention`'s weights and ``cell_words`` :func:`pair_token_words` (``K`` 6).
     """
     import torch
 
+    arch = arch_of(processor)
+    per = FRAMES_PER_TOKEN[arch]
     convs = [turns_for(e, extra) for e in examples]
     texts = [conversation(processor, turns) for turns in convs]
     batch = processor(text=texts, videos=[e.frames for e in examples], return_tensors="pt", padding=True)
     mask = batch["attention_mask"]
-    batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if arch == "llava-onevision":
+        batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     vocab = processor.tokenizer.get_vocab()
     q = max(len(turns) for turns in convs)
-    b, n = len(examples), synthvid.FRAMES * synthvid.GRID * synthvid.GRID
+    b, n = len(examples), synthvid.FRAMES // per * synthvid.GRID * synthvid.GRID
     answer_pos = torch.full((b, q), -1, dtype=torch.long)
     answer_ids = torch.full((b, q), -100, dtype=torch.long)
-    attend = torch.zeros((b, q, n), dtype=torch.bool)
+    attend = torch.zeros((b, q, n), dtype=torch.bool if per == 1 else torch.long)
     sink = torch.zeros((b, q))
     for i, turns in enumerate(convs):
         where = torch.nonzero(batch["input_ids"][i] == vocab["assistant"])[:, 0]
         for j, turn in enumerate(turns):
             answer_pos[i, j] = where[j]
             answer_ids[i, j] = vocab[turn.answer]
-            attend[i, j] = torch.from_numpy(turn.attend)
+            attend[i, j] = torch.from_numpy(turn.attend if per == 1 else pair_attention(turn.attend))
             sink[i, j] = turn.sink
     input_ids = batch["input_ids"]
     content = torch.isin(input_ids, torch.tensor([vocab[w] for w in (*synthvid.COLOURS, *synthvid.SHAPES)]))
@@ -411,8 +502,9 @@ def make_batch(processor: Any, examples: list[synthvid.Example], extra: int = 0)
     batch.update(answer_pos=answer_pos, answer_ids=answer_ids, attend=attend, sink=sink,
                  question_words=question_words)
     batch["cells"] = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
+    words_of = token_words if per == 1 else pair_token_words
     ids = np.array(
-        [[[vocab[w] if w is not None else -100 for w in token] for token in token_words(e)] for e in examples],
+        [[[vocab[w] if w is not None else -100 for w in token] for token in words_of(e)] for e in examples],
         np.int64,
     )
     batch["cell_words"] = torch.from_numpy(ids)
@@ -467,18 +559,24 @@ class _UplinkMask:
 
 
 class _Probe:
-    """Linear probe on the projector output, pooled 2×2 like the model pools video frames."""
+    """Linear probe on the projector output, pooled 2×2 like the model pools video frames.
 
-    def __init__(self, model: Any, dim: int, seed: int) -> None:
+    For Qwen2-VL (``arch``), on the vision merger's output, one token per cell and frame pair:
+    the class of the cell in the pair's first frame, in its second, and the row and column.
+    """
+
+    def __init__(self, model: Any, dim: int, seed: int, arch: str = "llava-onevision") -> None:
         import torch
 
+        self.pairs = FRAMES_PER_TOKEN[arch] == 2
         generator = torch.Generator().manual_seed(seed + 1)
-        self.head = torch.nn.Linear(dim, _N_CLASSES + 2 * synthvid.GRID)
+        self.head = torch.nn.Linear(dim, (2 if self.pairs else 1) * _N_CLASSES + 2 * synthvid.GRID)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) * 0.02)
             self.head.bias.zero_()
         self.features: Any = None
-        self.hook = model.model.multi_modal_projector.register_forward_hook(self._capture)
+        where = model.model.visual.merger if self.pairs else model.model.multi_modal_projector
+        self.hook = where.register_forward_hook(self._capture)
 
     def _capture(self, module: Any, inputs: Any, output: Any) -> None:
         self.features = output
@@ -487,6 +585,8 @@ class _Probe:
         import torch
         import torch.nn.functional as F
 
+        if self.pairs:
+            return self._pair_loss(cells)
         x = self.features  # [B*T, 64, D]
         n, m, d = x.shape
         side = int(math.isqrt(m))
@@ -503,11 +603,29 @@ class _Probe:
         loss = loss + 0.25 * F.cross_entropy(logits[..., _N_CLASSES + grid :].reshape(-1, grid), cols.reshape(-1))
         return loss
 
+    def _pair_loss(self, cells: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        grid = synthvid.GRID
+        b, t, m = cells.shape  # [B, T, 16]
+        # merged tokens come clip by clip, then (pair, row, column): [B*T/2*16, D]
+        logits = self.head(self.features).view(b, t // 2, m, -1)
+        classes = cells.view(b, t // 2, 2, m).transpose(2, 3)  # [B, T/2, 16, 2]: the cell in each frame
+        both = logits[..., : 2 * _N_CLASSES].reshape(-1, _N_CLASSES)  # [first, second] per token
+        loss = F.cross_entropy(both, classes.reshape(-1))
+        idx = torch.arange(m).expand(b, t // 2, m)
+        loss = loss + 0.25 * F.cross_entropy(logits[..., 2 * _N_CLASSES : 2 * _N_CLASSES + grid].reshape(-1, grid),
+                                             (idx // grid).reshape(-1))
+        loss = loss + 0.25 * F.cross_entropy(logits[..., 2 * _N_CLASSES + grid :].reshape(-1, grid),
+                                             (idx % grid).reshape(-1))
+        return loss
+
 
 def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> Any:
     """Cross-entropy of the language model's output at each visual token against the words
-    describing what is in its cell (``cell_words`` ``[B, T·16, K]``, -100 where none; see
-    :func:`token_words`).
+    describing what is in its cell (``cell_words`` ``[B, N, K]``, -100 where none; see
+    :func:`token_words` and :func:`pair_token_words`).
 
     This teaches the decoder to carry "what is here" in word space at the visual positions, which
     the answer position then only has to find and copy.
@@ -515,7 +633,7 @@ def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> A
     import torch.nn.functional as F
 
     b, n, k = cell_words.shape
-    visual = logits[input_ids == video_id].view(b, n + 1, -1)[:, :n].float()  # drop the newline
+    visual = logits[input_ids == video_id].view(b, -1, logits.shape[-1])[:, :n].float()  # LLaVA: drop the newline
     flat = visual.unsqueeze(2).expand(b, n, k, visual.shape[-1]).reshape(-1, visual.shape[-1])
     return F.cross_entropy(flat, cell_words.reshape(-1), ignore_index=-100)
 
@@ -541,9 +659,10 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
 
     Without a sink weight: ``-log`` of the attention mass on the tokens holding the answer.
     With one (``count``, guided on :data:`COUNT_HEAD`, weighted ``count_weight``): the
-    cross-entropy of the attention against the distribution that gives each target token weight
-    1 and the first token weight ``sink``, so the share read from the targets encodes how many
-    there are. In the first layer: the cross-entropy against an even spread over the turn's
+    cross-entropy of the attention against the distribution that gives each target token its
+    weight in ``attend`` (1; on Qwen2-VL, the number of the token's two frames that hold the
+    target) and the first token weight ``sink``, so the share read from the targets encodes how
+    many there are. In the first layer: the cross-entropy against an even spread over the turn's
     colour and shape words (``question_words``; turns without any are skipped). Speeds up
     learning where to look.
     """
@@ -554,9 +673,11 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
     if not bool(valid.any()):
         return attentions[0].new_zeros(())
     b, q, n = attend.shape
-    visual = torch.nonzero(batch["input_ids"] == video_id)[:, 1].view(b, n + 1)[:, :n]  # [B, n] positions
+    # [B, n] positions of the visual tokens (LLaVA-OneVision's newline after them dropped)
+    visual = torch.nonzero(batch["input_ids"] == video_id)[:, 1].view(b, -1)[:, :n]
     first = batch["attention_mask"].long().argmax(-1)  # first real token (left padding)
-    weights = attend.float()
+    weights = attend.float()  # Qwen2-VL: how many of the token's two frames hold the answer
+    held = (weights > 0).float()
     total_weight = weights.sum(-1) + sink
     heads = torch.where(sink > 0, COUNT_HEAD, GUIDED_HEAD)  # [B, Q]
     batch_index = torch.arange(b).unsqueeze(-1)
@@ -565,7 +686,7 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
         rows = attentions[layer][batch_index, heads, pos.clamp(min=0)]  # [B, Q, L]: each turn's guided head
         vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
         at_first = rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
-        plain = -torch.log((vis * weights).sum(-1).clamp_min(1e-6))
+        plain = -torch.log((vis * held).sum(-1).clamp_min(1e-6))
         spread = -((weights * vis.log()).sum(-1) + sink * at_first.log()) / total_weight.clamp_min(1e-6)
         total = total + torch.where(sink > 0, count_weight * spread, plain)[valid].mean()
     total = total / len(GUIDED_LAYERS)
@@ -646,9 +767,11 @@ def train(cfg: TrainConfig) -> Path:
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = build_model(cfg.seed, tokenizer, cfg.size)
+    cfg = _resolve(cfg)
+    qwen = cfg.arch == "qwen2-vl"
+    tokenizer = build_tokenizer(arch=cfg.arch)
+    processor = build_processor(tokenizer, arch=cfg.arch)
+    model = build_model(cfg.seed, tokenizer, cfg.size, arch=cfg.arch)
     if cfg.grow_from:
         _grow(model, cfg.grow_from)
         cfg.freeze_vision = True
@@ -665,7 +788,7 @@ def train(cfg: TrainConfig) -> Path:
             raise SystemExit("--vision-from takes a trained vision tower: use it with --vision-steps 0")
     model.set_attn_implementation("eager")  # attention probabilities for the guidance loss
     model.train()
-    probe = _Probe(model, model.config.text_config.hidden_size, cfg.seed)
+    probe = _Probe(model, model.config.text_config.hidden_size, cfg.seed, cfg.arch)
     masker = _UplinkMask(model, cfg.mask_augment) if cfg.mask_augment > 0 else None
     params = list(model.parameters()) + list(probe.head.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -681,6 +804,9 @@ def train(cfg: TrainConfig) -> Path:
         latest = _latest_checkpoint(ckpt_dir)
         if latest is not None:
             state = torch.load(latest, map_location="cpu", weights_only=False)
+            saved_arch = state.get("config", {}).get("arch", "llava-onevision")
+            if saved_arch != cfg.arch:
+                raise SystemExit(f"--resume: {latest} is a {saved_arch} checkpoint, not {cfg.arch}")
             model.load_state_dict(state["model"])
             probe.head.load_state_dict(state["probe"])
             optimizer.load_state_dict(state["optimizer"])
@@ -695,7 +821,7 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.step()
         _checkpoint(cfg, ckpt_dir, done, model, probe, optimizer)
 
-    video_id = int(model.config.video_token_index)
+    video_id = int(model.config.video_token_id if qwen else model.config.video_token_index)
     end_id = int(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     total = cfg.vision_steps + cfg.steps
     bar = tqdm(range(start, total), total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -713,25 +839,43 @@ def train(cfg: TrainConfig) -> Path:
         if step < cfg.vision_steps:
             # Stage 1: the vision tower and projector alone learn what each token holds.
             pixels = processor.video_processor(videos=[e.frames for e in examples], return_tensors="pt")
-            model.model.get_video_features(
-                pixels["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            )
+            if qwen:
+                model.get_video_features(pixels["pixel_values_videos"], pixels["video_grid_thw"])
+            else:
+                model.model.get_video_features(
+                    pixels["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
+                    vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                )
             cells = torch.from_numpy(np.stack([cell_targets(e) for e in examples]))
             aux = probe.loss(cells)
             optimise(aux, step + 1)
             bar.set_postfix(stage="vision", probe=f"{float(aux.detach()):.3f}")
             continue
         if step == max(start, cfg.vision_steps):
-            model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
+            if qwen:  # the tower's patch embedding and blocks; its merger is the projector, and learns
+                model.model.visual.requires_grad_(not cfg.freeze_vision)
+                model.model.visual.merger.requires_grad_(True)
+            else:
+                model.model.vision_tower.requires_grad_(not cfg.freeze_vision)
         batch = make_batch(processor, examples, cfg.extra_questions)
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values_videos=batch["pixel_values_videos"],
-            output_attentions=True,
-        )
+        if qwen:
+            # no position_ids: the model computes its 3-D (M-RoPE) ones from the mask and the grid
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                pixel_values_videos=batch["pixel_values_videos"],
+                video_grid_thw=batch["video_grid_thw"],
+                output_attentions=True,
+            )
+        else:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                pixel_values_videos=batch["pixel_values_videos"],
+                output_attentions=True,
+            )
         pos, targets = batch["answer_pos"].clamp(min=0), batch["answer_ids"]
         asked = targets != -100
         rows = torch.arange(len(examples)).unsqueeze(-1)
@@ -778,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--teacher" in argv:  # the recipe first, so that options given on the command line override it
         argv = list(TEACHER_ARGS) + argv
-    cfg = build_parser().parse_args(argv, namespace=TrainConfig())
+    cfg = _resolve(build_parser().parse_args(argv, namespace=TrainConfig()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
     return 0
