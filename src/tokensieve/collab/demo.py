@@ -14,7 +14,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -154,7 +153,6 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
                        uplink_share=args.uplink_share, eval_n=args.eval_n, replay=args.replay,
                        uplink_dtype=args.uplink_dtype,
                        akd=AKDConfig(epochs=args.epochs, anchor=args.anchor))
-    began = time.perf_counter()
     runs: dict[str, Any] = {}
     partial = out / "collab.partial.json"
     if getattr(args, "resume", False) and partial.is_file():
@@ -169,7 +167,9 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
                                        log=lambda m: print(m, file=sys.stderr, flush=True))
         # after every variant, so a long run that stops can go on with --resume
         partial.write_text(json.dumps({"runs": runs}, indent=2, default=str) + "\n", encoding="utf-8")
-    result = {"runs": {v: runs[v] for v in variants}, "seconds": round(time.perf_counter() - began, 1),
+    # every variant's own time, so that a run resumed with --resume still reports the whole of it
+    seconds = sum(float(run.get("seconds", 0.0)) for run in runs.values())
+    result = {"runs": {v: runs[v] for v in variants}, "seconds": round(seconds, 1),
               "device_model": "tokensieve.zoo embedded", "teacher": str(args.teacher or "tokensieve.zoo teacher")}
     _write(out, result)
     partial.unlink(missing_ok=True)

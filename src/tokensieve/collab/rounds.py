@@ -16,9 +16,10 @@ Each round:
    applies it; its trainable state then hashes to the cloud's mirror.
 
 A *variant* changes one thing, for the comparison (``tokensieve bench collab``):
-``akd`` (all of the above), ``pseudo-label`` (L_CE only), ``akd-no-replay`` (AKD on the
-uplinked samples alone, as the paper; by default the cloud mixes in as many of its own labelled
-source-domain clips, learnt with L_CE, so the device does not forget the source),
+``akd`` (all of the above), ``pseudo-label`` (L_CE only on the uplinked samples; the replay as
+in ``akd``), ``akd-no-replay`` (AKD on the uplinked samples alone, as the paper; by default the
+cloud mixes in ``replay`` of its own labelled source-domain clips per uplinked one, learnt with
+L_CE and L_anchor, so the device does not forget the source),
 ``akd-all`` (no UTS: every streamed clip and every token goes up), ``oracle`` (the device's
 adapters trained with L_CE on the true answers of every streamed clip; meant as an upper bound,
 it is beaten by ``akd-all``: the teacher's features teach more than the answers do), ``none``
@@ -223,8 +224,8 @@ class Cloud:
     def replay_samples(self, examples: Sequence[Any], batch_size: int = 25) -> list[Sample]:
         """Samples of the cloud's own source-domain clips (data like the device was trained on):
         whole token sets through the shared vision encoder, mixed in with their true answers so
-        the student keeps what it knew (experience replay; not distilled from the teacher, which
-        is weaker than the device on the source domain)."""
+        the student keeps what it knew (experience replay, with L_anchor; not distilled from the
+        teacher, which is weaker than the device on the source domain)."""
         from ..zoo.evaluate import iter_batches
 
         teacher, adapter = self.distiller.teacher, self.distiller.adapter
@@ -302,7 +303,9 @@ def run_rounds(
                             cfg.batch_size)["accuracy"] for d in eval_domains}
 
     if variant == "teacher":
+        began = time.perf_counter()
         result["initial"] = evaluate_all(teacher)
+        result["seconds"] = time.perf_counter() - began
         return result
     model = add_adapters(copy.deepcopy(device_model), cfg.akd)
     model.eval()
@@ -384,7 +387,7 @@ def run_rounds(
                     first = REPLAY_START + r * 100_000
                     clips = [synthvid.make_example(s) for s in synthvid.train_seeds(first, n_replay)]
                     replay = cloud.replay_samples(clips)
-                    for smp, clip in zip(replay, clips):  # the cloud's own labelled source data: L_CE only
+                    for smp, clip in zip(replay, clips):  # the cloud's own labelled data: L_CE and L_anchor
                         smp.answer, smp.distil = clip.answer, False
                     samples = samples + replay
                 row["replayed"] = n_replay
