@@ -159,6 +159,20 @@ class PDrop(InLLMMethod):''',
         "            out[b, pos[:-1]] = video[i][:-1].to(out.dtype)",
         ("tests/test_collab_akd.py::test_uplinked_tokens_reproduce_the_pixel_forward",),
     ),
+    Mutant(
+        "anchor-last-layer-only", "L_anchor compares only the final normed hidden state, not every layer's",
+        "collab/akd.py",
+        "                   for h, a in zip(states, a_states)]",
+        "                   for h, a in zip(states[-1:], a_states[-1:])]",
+        ("tests/test_collab_akd.py::test_replayed_samples_keep_the_features_the_student_had_before_the_fit",),
+    ),
+    Mutant(
+        "uplink-budget-overshoots", "the byte budget keeps one clip more than fits",
+        "collab/rounds.py",
+        "        return encode(lo)",
+        "        return encode(min(lo + 1, len(examples)))",
+        ("tests/test_collab_akd.py::test_the_uplink_holds_the_least_confident_clips_that_fit_its_byte_budget",),
+    ),
 )
 
 
