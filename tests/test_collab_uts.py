@@ -144,6 +144,11 @@ def test_int8_uplink_tokens_are_within_half_a_step_of_each_value(payload):
                  sha256=hashlib.sha256(bare).hexdigest())
     with pytest.raises(UplinkError, match="need a 'scale'"):
         decode_uplink(bare, lying)
+    tensors = load(blob)
+    tensors["scale"][0] = float("inf")
+    bad = save(tensors)
+    with pytest.raises(UplinkError, match="finite"):
+        decode_uplink(bad, dict(manifest, bytes=len(bad), sha256=hashlib.sha256(bad).hexdigest()))
     with pytest.raises(InputError, match="dtype"):
         encode_uplink(up, payload, "int4")
 

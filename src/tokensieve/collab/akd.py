@@ -460,7 +460,8 @@ class Distiller:
             with torch.no_grad():
                 _, _, a_states = self._forward(self._anchor, sub, tokens[idx], logits=False, every_layer=True)
             mask = sub["attention_mask"].bool().to(hidden.device)
-            rel = [((h[idx.to(h.device)][mask].float() - a[mask].float()) ** 2).mean() / a[mask].float().pow(2).mean()
+            rel = [((h[idx.to(h.device)][mask].float() - a[mask].float()) ** 2).mean()
+                   / a[mask].float().pow(2).mean().clamp_min(torch.finfo(torch.float32).tiny)
                    for h, a in zip(states, a_states)]
             terms["anchor"] = cfg.anchor * torch.stack(rel).mean()
         return terms

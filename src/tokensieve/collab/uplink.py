@@ -148,6 +148,8 @@ def decode_uplink(blob: bytes, manifest: dict[str, Any] | str | bytes) -> Uplink
         scale = tensors["scale"]
         if tok.dtype != torch.int8 or scale.dtype != torch.float16 or tuple(scale.shape) != tuple(tok.shape[:-1]):
             raise UplinkError("int8 tokens need int8 values and one fp16 scale per token")
+        if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+            raise UplinkError("the int8 tokens' scales must be finite and non-negative")
         tok = tok.float() * scale.float().unsqueeze(-1)
     elif not tok.is_floating_point():
         raise UplinkError(f"tokens of dtype {tok.dtype} need a 'scale' tensor")
