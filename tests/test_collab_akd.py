@@ -32,13 +32,13 @@ from tokensieve.collab.akd import (  # noqa: E402
 from tokensieve.errors import InputError  # noqa: E402
 from tokensieve.models import get_adapter  # noqa: E402
 from tokensieve.zoo import synthvid  # noqa: E402
-from tokensieve.zoo.model import build_model, load_embedded, prompt_for  # noqa: E402
+from tokensieve.zoo.model import build_model, load_device, prompt_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def device():
     torch.manual_seed(0)
-    return load_embedded()
+    return load_device()
 
 
 @pytest.fixture(scope="module")

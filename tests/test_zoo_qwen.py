@@ -377,8 +377,7 @@ def test_training_smoke_run_ends_with_a_loadable_model(tmp_path: Path) -> None:
     assert not all(torch.equal(trained[k], initial[k]) for k in merger)
 
 
-@pytest.mark.parametrize("flags", [["--teacher"], ["--grow-from", "x"], ["--vision-from", "x"],
-                                   ["--mask-augment", "0.5"]])
+@pytest.mark.parametrize("flags", [["--teacher"], ["--vision-from", "x"], ["--mask-augment", "0.5"]])
 def test_llava_only_options_are_refused(flags: list[str]) -> None:
     from tokensieve.zoo import train as train_mod
 

@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    from tokensieve.zoo.model import load_embedded
+    from tokensieve.zoo.model import load_device
 
-    model, processor = load_embedded()
+    model, processor = load_device()
     model.eval()
     result = {"command": "python benchmarks/collab/bytes.py " + " ".join(sys.argv[1:]), "clips": args.clips,
               "uplink": uplink(model, processor, args.clips, args.seed), "downlink": downlink(model)}

@@ -59,14 +59,16 @@ def parse_methods(text: str | None) -> list[str]:
 
 
 def load_for_bench(model: str) -> tuple[Any, Any]:
-    """``(model, processor)`` for ``embedded`` or a local model directory."""
-    from tokensieve.zoo.model import load_embedded, load_model
+    """``(model, processor)`` for a shipped instrument (``embedded``: LLaVA-OneVision,
+    ``embedded-qwen2-vl``: Qwen2-VL) or a local model directory trained the same way."""
+    from tokensieve.zoo.model import EMBEDDED_NAMES, load_embedded, load_model
 
-    if model == "embedded":
-        return load_embedded()
+    if model in EMBEDDED_NAMES:
+        return load_embedded(arch=EMBEDDED_NAMES[model])
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise InputError(f"--model must be 'embedded' or a model directory written by save_pretrained; no directory {model!r}")
+        raise InputError(f"--model must be {' or '.join(repr(n) for n in EMBEDDED_NAMES)} or a model directory "
+                         f"written by save_pretrained; no directory {model!r}")
     return load_model(path)
 
 
@@ -96,8 +98,11 @@ def evaluate_configs(
     import tokensieve
     from tokensieve.zoo.evaluate import answer_prepared, prepare, score
 
+    from tokensieve.zoo.model import structural_video_tokens, video_token_of
+
     batches = prepare(processor, examples, batch_size=batch_size)
-    video_id = int(model.config.video_token_index)
+    video_id = video_token_of(model)
+    structural = structural_video_tokens(model)
     rows: list[dict[str, Any]] = []
     for method, retain in configs:
         counts = {"before": 0, "after": 0, "n": 0}
@@ -116,7 +121,7 @@ def evaluate_configs(
             if method == "none":
                 answers = answer_prepared(model, processor, batches, on_batch=on_batch)
                 visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
-                counts["before"] = counts["after"] = visual - sum(int(b["input_ids"].shape[0]) for b in batches)
+                counts["before"] = counts["after"] = visual - structural * sum(int(b["input_ids"].shape[0]) for b in batches)
             else:
                 extra = {"depth": depth} if depth and "depth" in tokensieve.methods.get(method).options else {}
                 with tokensieve.compress(model, method, retain=retain, positions=positions, **extra):
@@ -247,8 +252,9 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", metavar="embedded|PATH",
-                        help="the embedded synthetic-video model or a directory of one (default: %(default)s)")
+    parser.add_argument("--model", default="embedded", metavar="embedded|embedded-qwen2-vl|PATH",
+                        help="a shipped synthetic-video model (embedded: LLaVA-OneVision, embedded-qwen2-vl: "
+                        "Qwen2-VL) or a directory of one trained the same way (default: %(default)s)")
     parser.add_argument("--methods", default="all", help="comma-separated methods, or 'all' (default: %(default)s)")
     parser.add_argument("--retain", default=",".join(f"{r:g}" for r in DEFAULT_RETAINS),
                         help="comma-separated retain ratios in (0, 1] (default: %(default)s)")
@@ -258,9 +264,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="quality-results", help="output directory (default: %(default)s)")
     parser.add_argument("--positions", choices=("preserve", "compact"), default=None,
                         help="position ids of kept tokens for every method (default: each method's own)")
-    parser.add_argument("--depth", choices=("published", "scaled"), default=None,
-                        help="in-LLM methods' layers: as published, or scaled to this model's depth (default: each "
-                             "method's own, 'published')")
+    parser.add_argument("--depth", choices=("published", "scaled"), default="scaled",
+                        help="in-LLM methods' layers (FastV, PDrop, SparseVLM): at the published layers' fraction of "
+                        "this model's depth, or the published indices as given (default: %(default)s: the embedded "
+                        "models have 16 layers, the published indices are for 32)")
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the Markdown table")
 
 

@@ -124,10 +124,10 @@ def _require_extras() -> None:
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
-    from ..zoo.model import load_embedded, load_model, load_teacher
+    from ..zoo.model import load_device, load_model, load_teacher
 
     torch.set_num_threads(args.threads)
-    device_model, processor = load_embedded()
+    device_model, processor = load_device()
     teacher = load_model(args.teacher)[0] if args.teacher else load_teacher()[0]
     own = device_model.model.vision_tower.state_dict()
     theirs = teacher.model.vision_tower.state_dict() if hasattr(teacher, "model") else {}
@@ -170,7 +170,7 @@ def _run_variants(args: argparse.Namespace, variants: Sequence[str]) -> dict[str
     # every variant's own time, so that a run resumed with --resume still reports the whole of it
     seconds = sum(float(run.get("seconds", 0.0)) for run in runs.values())
     result = {"runs": {v: runs[v] for v in variants}, "seconds": round(seconds, 1),
-              "device_model": "tokensieve.zoo embedded", "teacher": str(args.teacher or "tokensieve.zoo teacher")}
+              "device_model": "tokensieve.zoo device", "teacher": str(args.teacher or "tokensieve.zoo teacher")}
     _write(out, result)
     partial.unlink(missing_ok=True)
     return result

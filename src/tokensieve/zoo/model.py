@@ -38,8 +38,11 @@ from . import synthvid
 
 __all__ = [
     "ARCHS",
+    "DEVICE_DIR",
     "EMBEDDED_DIR",
     "EMBEDDED_DIRS",
+    "EMBEDDED_NAMES",
+    "FRAMES_PER_TOKEN",
     "EMBEDDED_QWEN_DIR",
     "QWEN_VISION",
     "SIZES",
@@ -49,21 +52,28 @@ __all__ = [
     "build_processor",
     "build_tokenizer",
     "embedded_config",
+    "load_device",
     "load_embedded",
     "load_teacher",
     "load_model",
     "prompt_for",
     "save_model",
+    "structural_video_tokens",
+    "video_token_of",
 ]
 
 #: Architectures of the embedded model: LLaVA-OneVision (the default, shipped) and Qwen2-VL.
 ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl")
 
-#: Directory of the shipped model inside the package.
+#: Directory of the shipped LLaVA-OneVision quality instrument (16-layer decoder) in the package:
+#: what ``tokensieve demo`` and ``tokensieve bench quality`` run.
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
-#: Directory of the embedded Qwen2-VL model inside the package.
+#: Directory of the shipped Qwen2-VL quality instrument (16-layer decoder, M-RoPE).
 EMBEDDED_QWEN_DIR = Path(__file__).resolve().parent / "embedded-qwen2-vl"
-#: Where each architecture's embedded model lives.
+#: Directory of the shipped 4-layer LLaVA-OneVision: the on-device model of ``tokensieve collab``,
+#: the donor the cloud teacher and the 16-layer instrument were grown from.
+DEVICE_DIR = Path(__file__).resolve().parent / "device"
+#: Where each architecture's embedded model (the quality instrument) lives.
 EMBEDDED_DIRS: dict[str, Path] = {"llava-onevision": EMBEDDED_DIR, "qwen2-vl": EMBEDDED_QWEN_DIR}
 
 FRAME = synthvid.SIZE
@@ -103,8 +113,14 @@ TEXT = {
 #: first four layers, embeddings, projector and head start as the device's, the four new layers
 #: as the identity.
 TEACHER_TEXT = dict(TEXT, num_hidden_layers=8)
-#: Model sizes :func:`build_model` knows: the device (the embedded model) and the cloud teacher.
-SIZES = {"device": TEXT, "teacher": TEACHER_TEXT}
+#: The quality instrument's decoder (``tokensieve demo``, ``tokensieve bench quality``): the
+#: device's, four times as deep, so that in-LLM methods (FastV, PDrop, SparseVLM), whose layers are
+#: published for 28–32-layer models, have room to prune at their depth fractions and still meet
+#: low equivalent-token budgets. Grown from the device like the teacher.
+DEEP_TEXT = dict(TEXT, num_hidden_layers=16)
+#: Model sizes :func:`build_model` knows: the collaboration device, the cloud teacher and the
+#: deep quality instrument.
+SIZES = {"device": TEXT, "teacher": TEACHER_TEXT, "deep": DEEP_TEXT}
 
 #: The Qwen2-VL vision tower, about the size of :data:`VISION`: 8-pixel patches over two frames
 #: (a 3-D convolution), 2 blocks of width 96, and the merger that turns each 2×2 group of patches
@@ -142,6 +158,32 @@ def arch_of(obj: Any) -> str:
     if model_type is not None:
         return "qwen2-vl" if str(model_type).startswith("qwen2_vl") else "llava-onevision"
     return "qwen2-vl" if type(obj).__name__.startswith("Qwen2VL") else "llava-onevision"
+
+
+#: Names of the shipped quality instruments, as ``--model`` takes them.
+EMBEDDED_NAMES: dict[str, str] = {"embedded": "llava-onevision", "embedded-qwen2-vl": "qwen2-vl"}
+
+
+def video_token_of(model: Any) -> int:
+    """The id of the video placeholder token of a model of this module (either architecture)."""
+    config = getattr(model, "config", model)
+    value = getattr(config, "video_token_index", None)
+    if value is None:
+        value = getattr(config, "video_token_id", None)
+    if value is None:
+        raise InputError(f"{type(model).__name__} has no video token id in its config")
+    return int(value)
+
+
+def structural_video_tokens(model: Any) -> int:
+    """Video placeholder tokens per clip that are structure, not content: LLaVA-OneVision's
+    trailing newline (1); Qwen2-VL has none (0)."""
+    return 1 if arch_of(model) == "llava-onevision" else 0
+
+
+#: Frames one visual token covers: LLaVA-OneVision pools each frame on its own, Qwen2-VL's
+#: temporal patches span two.
+FRAMES_PER_TOKEN = {"llava-onevision": 1, "qwen2-vl": 2}
 
 
 def _chat_template(arch: str = "llava-onevision") -> str:
@@ -380,11 +422,18 @@ def load_embedded(attn_implementation: str = "sdpa", *, arch: str = "llava-onevi
     """The shipped, trained model of ``arch`` (:data:`ARCHS`) and its processor."""
     directory = EMBEDDED_DIRS[_check_arch(arch)]
     if not (directory / "config.json").is_file():
-        which, command = "embedded model", "python -m tokensieve.zoo.train"
+        which, command = "embedded model", "python -m tokensieve.zoo.train --deep"
         if arch != "llava-onevision":
-            which, command = f"embedded {arch} model", f"{command} --arch {arch}"
+            which, command = f"embedded {arch} model", f"{command} --arch {arch} --grow-from PATH"
         raise InputError(f"the {which} is missing from {directory}; train it with `{command}`")
     return load_model(directory, attn_implementation)
+
+
+def load_device(attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """The shipped 4-layer LLaVA-OneVision (the collaboration's device model) and its processor."""
+    if not (DEVICE_DIR / "config.json").is_file():
+        raise InputError(f"the device model is missing from {DEVICE_DIR}; train it with `python -m tokensieve.zoo.train`")
+    return load_model(DEVICE_DIR, attn_implementation)
 
 
 def load_teacher(attn_implementation: str = "sdpa") -> tuple[Any, Any]:

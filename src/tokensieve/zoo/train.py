@@ -57,8 +57,9 @@ from .._argtypes import float_in, non_negative_int, positive_int
 from . import synthvid
 from .model import (
     ARCHS,
-    EMBEDDED_DIR,
+    DEVICE_DIR,
     EMBEDDED_DIRS,
+    FRAMES_PER_TOKEN,
     SIZES,
     TEACHER_DIR,
     arch_of,
@@ -98,6 +99,9 @@ class TrainConfig(argparse.Namespace):
     size: str
     vision_from: str | None
     grow_from: str | None
+    grow: str
+    align_weight: float
+    deep: bool
     domain_weights: list[float]
     mask_augment: float
     arch: str
@@ -148,8 +152,19 @@ def _non_negative(text: str) -> float:
 TEACHER_RECIPE = ("--size", "teacher", "--vision-steps", "0", "--steps", "800", "--lr", "1e-3", "--warmup", "50",
                   "--domains", "1,1,1", "--mask-augment", "0.5")
 #: ``python -m tokensieve.zoo.train --teacher`` = these arguments.
-TEACHER_ARGS = TEACHER_RECIPE + ("--grow-from", str(EMBEDDED_DIR), "--out", str(TEACHER_DIR),
+TEACHER_ARGS = TEACHER_RECIPE + ("--grow-from", str(DEVICE_DIR), "--out", str(TEACHER_DIR),
                                  "--checkpoint-dir", "teacher-checkpoints")
+#: The quality instrument's recipe: a 4-layer model grown to 16 layers, its layers spread out
+#: (donor layer i becomes layer 4i, the layers between start as the identity, the guided heads
+#: move with their layers), so that what the model reads from the visual tokens is read across
+#: the depth, as in real LLMs, rather than in the first quarter; and the projector aligned with
+#: the word embeddings, as LLaVA-style alignment pre-training aligns it.
+DEEP_RECIPE = ("--size", "deep", "--vision-steps", "0", "--steps", "800", "--lr", "1e-3", "--warmup", "50",
+               "--grow", "interleave", "--align-weight", "1.0")
+#: ``python -m tokensieve.zoo.train --deep`` = these arguments (LLaVA-OneVision: grown from the
+#: shipped device model; Qwen2-VL: give ``--grow-from`` the 4-layer model
+#: ``python -m tokensieve.zoo.train --arch qwen2-vl`` wrote).
+DEEP_ARGS = {"llava-onevision": DEEP_RECIPE + ("--grow-from", str(DEVICE_DIR)), "qwen2-vl": DEEP_RECIPE}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,8 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", action="store_true",
                         help="train the cloud teacher instead: " + " ".join(TEACHER_RECIPE) + " with the shipped "
                         "device's vision tower, written to the package's teacher/ (options given too override these)")
+    parser.add_argument("--deep", action="store_true",
+                        help="train the 16-layer quality instrument instead: " + " ".join(DEEP_RECIPE) + ", grown from "
+                        "the shipped device model (with --arch qwen2-vl, from --grow-from PATH), written to the "
+                        "package's embedded model directory (options given too override these)")
     parser.add_argument("--size", choices=sorted(SIZES), default="device",
-                        help="decoder size: the embedded device model or the larger cloud teacher (default: %(default)s)")
+                        help="decoder size: the 4-layer device model, the 8-layer cloud teacher or the 16-layer "
+                        "quality instrument (default: %(default)s)")
+    parser.add_argument("--grow", choices=("append", "interleave"), default="append",
+                        help="with --grow-from, where the donor's layers go: first, the new identity layers after "
+                        "them ('append'), or spread evenly, donor layer i at layer i*L/L_donor ('interleave'); "
+                        "the attention-guided layers move with them (default: %(default)s)")
+    parser.add_argument("--align-weight", type=_non_negative, default=0.0,
+                        help="weight of the projector alignment loss: 1 - cosine between each visual token that "
+                        "holds a shape (the decoder's input) and the mean input embedding of its colour and shape "
+                        "words, the word embeddings held fixed (default: %(default)s)")
     parser.add_argument("--grow-from", default=None, metavar="PATH",
                         help="start from the model saved in PATH (same width, fewer layers): every weight it has is "
                         "copied, the extra decoder layers start as the identity (their output projections zero); "
@@ -218,13 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads uplinked tokens as well as whole clips (default: %(default)s)")
     parser.add_argument("--arch", choices=ARCHS, default="llava-onevision",
                         help="architecture: the shipped LLaVA-OneVision or Qwen2-VL (M-RoPE, two frames per "
-                        "visual token; --teacher, --grow-from, --vision-from and --mask-augment are "
+                        "visual token; --teacher, --vision-from and --mask-augment are "
                         "LLaVA-OneVision only; default: %(default)s)")
     return parser
 
 
 #: Options that only the LLaVA-OneVision recipe supports (the cloud teacher and its helpers).
-_LLAVA_ONLY = ("teacher", "grow_from", "vision_from", "mask_augment")
+_LLAVA_ONLY = ("teacher", "vision_from", "mask_augment")
 
 
 def _resolve(cfg: TrainConfig) -> TrainConfig:
@@ -234,10 +262,21 @@ def _resolve(cfg: TrainConfig) -> TrainConfig:
         if used:
             flags = ", ".join("--" + name.replace("_", "-") for name in used)
             raise SystemExit(f"{flags}: LLaVA-OneVision only (the cloud teacher's recipe); not with --arch {cfg.arch}")
+    if cfg.grow != "append" and not cfg.grow_from:
+        raise SystemExit("--grow interleave places the layers of --grow-from PATH: give it")
+    if cfg.size == "deep" and not cfg.grow_from:
+        raise SystemExit("--size deep is grown from a trained 4-layer model: give --grow-from PATH (for "
+                         "LLaVA-OneVision, --deep takes the shipped device model)")
     if cfg.out is None:
-        cfg.out = str(EMBEDDED_DIRS[cfg.arch])
+        if cfg.size == "deep":
+            cfg.out = str(EMBEDDED_DIRS[cfg.arch])
+        elif cfg.arch == "llava-onevision" and cfg.size == "device":
+            cfg.out = str(DEVICE_DIR)
+        else:
+            cfg.out = f"{cfg.arch}-{cfg.size}"
     if cfg.checkpoint_dir is None:
-        cfg.checkpoint_dir = "train-checkpoints" + ("" if cfg.arch == "llava-onevision" else f"-{cfg.arch}")
+        cfg.checkpoint_dir = "train-checkpoints" + ("" if cfg.arch == "llava-onevision" else f"-{cfg.arch}") + (
+            "" if cfg.size == "device" else f"-{cfg.size}")
     return cfg
 
 
@@ -308,9 +347,6 @@ def token_words(example: synthvid.Example) -> list[list[str | None]]:
     return words
 
 
-#: Frames one visual token covers: LLaVA-OneVision pools each frame on its own, Qwen2-VL's
-#: temporal patches span two.
-FRAMES_PER_TOKEN = {"llava-onevision": 1, "qwen2-vl": 2}
 
 
 def pair_token_words(example: synthvid.Example) -> list[list[str | None]]:
@@ -638,6 +674,34 @@ def _word_loss(logits: Any, input_ids: Any, cell_words: Any, video_id: int) -> A
     return F.cross_entropy(flat, cell_words.reshape(-1), ignore_index=-100)
 
 
+def _align_loss(embeds: Any, input_ids: Any, cell_words: Any, video_id: int, word_embeddings: Any,
+                frames_per_token: int = 1) -> Any:
+    """Projector alignment: mean over visual tokens that hold a shape of ``1 - cos(x, w̄)``.
+
+    ``embeds`` ``[B, L, D]`` is the decoder's input (the projector's output at the visual
+    positions); ``w̄`` the mean input embedding of the token's colour and shape words (slots 0
+    and 1 of each frame's :data:`TOKEN_WORDS` in ``cell_words``), held fixed, as alignment
+    pre-training keeps the language model's embeddings fixed and moves the projector.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, n, k = cell_words.shape
+    visual = embeds[input_ids == video_id].view(b, -1, embeds.shape[-1])[:, :n].float()  # LLaVA: drop the newline
+    per = len(TOKEN_WORDS)
+    slots = [f * per + j for f in range(frames_per_token) for j in (0, 1)]
+    ids = cell_words[..., slots]  # [B, n, S]
+    valid = ids != -100
+    table = word_embeddings.detach().float()
+    vecs = table[ids.clamp(min=0)] * valid.unsqueeze(-1)
+    counts = valid.sum(-1)
+    held = counts > 0
+    if not bool(held.any()):
+        return embeds.new_zeros(())
+    target = vecs.sum(-2)[held] / counts[held].unsqueeze(-1)
+    return (1 - F.cosine_similarity(visual[held], target, dim=-1)).mean()
+
+
 #: Decoder layers (and the one head in each) whose attention from the answer position is guided.
 GUIDED_LAYERS = (1, 2, 3)
 GUIDED_HEAD = 0
@@ -652,7 +716,8 @@ COUNT_HEAD = 1
 QUESTION_HEAD = 0
 
 
-def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count_weight: float = 1.0) -> Any:
+def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count_weight: float = 1.0,
+                    place: Sequence[int] | None = None) -> Any:
     """Guidance for head :data:`GUIDED_HEAD` of the :data:`GUIDED_LAYERS`, from each turn's
     answer position (turns without targets are skipped), plus head :data:`QUESTION_HEAD` of the
     first layer.
@@ -664,7 +729,8 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
     target) and the first token weight ``sink``, so the share read from the targets encodes how
     many there are. In the first layer: the cross-entropy against an even spread over the turn's
     colour and shape words (``question_words``; turns without any are skipped). Speeds up
-    learning where to look.
+    learning where to look. ``place`` maps those layer numbers onto a grown model's
+    (:func:`grown_layers`; ``None``: unchanged).
     """
     import torch
 
@@ -682,7 +748,8 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
     heads = torch.where(sink > 0, COUNT_HEAD, GUIDED_HEAD)  # [B, Q]
     batch_index = torch.arange(b).unsqueeze(-1)
     total = attentions[0].new_zeros(())
-    for layer in GUIDED_LAYERS:
+    at = (lambda i: i) if place is None else (lambda i: place[i])
+    for layer in (at(g) for g in GUIDED_LAYERS):
         rows = attentions[layer][batch_index, heads, pos.clamp(min=0)]  # [B, Q, L]: each turn's guided head
         vis = rows.gather(2, visual.unsqueeze(1).expand(b, q, n)).clamp_min(1e-6)
         at_first = rows.gather(2, first.view(b, 1, 1).expand(b, q, 1)).squeeze(-1).clamp_min(1e-6)
@@ -694,7 +761,7 @@ def _attention_loss(attentions: Any, batch: dict[str, Any], video_id: int, count
     asks = (pos >= 0) & (words.sum(-1) > 0)
     if bool(asks.any()):
         length = attentions[0].shape[-1]
-        rows = attentions[0][:, QUESTION_HEAD].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(b, q, length))
+        rows = attentions[at(0)][:, QUESTION_HEAD].gather(1, pos.clamp(min=0).unsqueeze(-1).expand(b, q, length))
         spread = -(words * rows.clamp_min(1e-6).log()).sum(-1) / words.sum(-1).clamp_min(1)
         total = total + spread[asks].mean()
     return total
@@ -735,16 +802,40 @@ def _checkpoint(cfg: TrainConfig, directory: Path, done: int, model: Any, probe:
             old.unlink()
 
 
-def _grow(model: Any, path: str) -> None:
+def grown_layers(donor_layers: int, layers: int, how: str = "append") -> list[int]:
+    """Where each of a donor's ``donor_layers`` decoder layers goes in a grown ``layers``-layer model.
+
+    ``"append"``: in place (``0..donor_layers-1``), the new layers after them. ``"interleave"``:
+    spread evenly, donor layer ``i`` at ``⌊i·layers/donor_layers⌋`` (4 into 16: 0, 4, 8, 12).
+    """
+    if donor_layers > layers:
+        raise SystemExit(f"--grow-from: the donor has {donor_layers} decoder layers, more than this model's {layers}")
+    if how == "append":
+        return list(range(donor_layers))
+    if how == "interleave":
+        return [i * layers // donor_layers for i in range(donor_layers)]
+    raise SystemExit(f"--grow: expected 'append' or 'interleave', got {how!r}")
+
+
+def _grow(model: Any, path: str, how: str = "append") -> list[int]:
     """Copy every weight of the model saved in ``path`` into ``model`` (same width, at least as many
-    decoder layers); the layers it lacks become the identity (attention and MLP output projections
-    zero, so each adds nothing to the residual stream until it learns to)."""
+    decoder layers, placed as :func:`grown_layers` says); the layers it lacks become the identity
+    (attention and MLP output projections zero, so each adds nothing to the residual stream until
+    it learns to). Returns the placement."""
+    import re
+
     import torch
 
     from .model import load_model
 
     donor, _ = load_model(path)
-    have = donor.state_dict()
+    place = grown_layers(donor.config.text_config.num_hidden_layers, model.config.text_config.num_hidden_layers, how)
+    pattern = re.compile(r"(\.language_model\.layers\.)(\d+)(\.)")
+
+    def moved(key: str) -> str:
+        return pattern.sub(lambda m: f"{m.group(1)}{place[int(m.group(2))]}{m.group(3)}", key)
+
+    have = {moved(k): v for k, v in donor.state_dict().items()}
     own = model.state_dict()
     missing = [k for k in have if k not in own or own[k].shape != have[k].shape]
     if missing:
@@ -753,9 +844,10 @@ def _grow(model: Any, path: str) -> None:
         for k, v in have.items():
             own[k].copy_(v)
         for i, layer in enumerate(model.model.language_model.layers):
-            if i >= donor.config.text_config.num_hidden_layers:
+            if i not in place:
                 layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
+    return place
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -772,8 +864,9 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer = build_tokenizer(arch=cfg.arch)
     processor = build_processor(tokenizer, arch=cfg.arch)
     model = build_model(cfg.seed, tokenizer, cfg.size, arch=cfg.arch)
+    place = list(range(model.config.text_config.num_hidden_layers))
     if cfg.grow_from:
-        _grow(model, cfg.grow_from)
+        place = _grow(model, cfg.grow_from, cfg.grow)
         cfg.freeze_vision = True
         if cfg.vision_steps:
             raise SystemExit("--grow-from starts from a trained model: use it with --vision-steps 0")
@@ -867,6 +960,7 @@ def train(cfg: TrainConfig) -> Path:
                 pixel_values_videos=batch["pixel_values_videos"],
                 video_grid_thw=batch["video_grid_thw"],
                 output_attentions=True,
+                output_hidden_states=cfg.align_weight > 0,
             )
         else:
             out = model(
@@ -875,6 +969,7 @@ def train(cfg: TrainConfig) -> Path:
                 position_ids=batch["position_ids"],
                 pixel_values_videos=batch["pixel_values_videos"],
                 output_attentions=True,
+                output_hidden_states=cfg.align_weight > 0,
             )
         pos, targets = batch["answer_pos"].clamp(min=0), batch["answer_ids"]
         asked = targets != -100
@@ -887,8 +982,13 @@ def train(cfg: TrainConfig) -> Path:
         )
         aux = probe.loss(batch["cells"])
         words = _word_loss(out.logits, batch["input_ids"], batch["cell_words"], video_id)
-        focus = _attention_loss(out.attentions, batch, video_id, cfg.count_focus)
-        optimise(answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus, step + 1)
+        focus = _attention_loss(out.attentions, batch, video_id, cfg.count_focus, place)
+        loss = answer_loss + cfg.aux_weight * (aux + words) + cfg.focus_weight * focus
+        if cfg.align_weight > 0:
+            align = _align_loss(out.hidden_states[0], batch["input_ids"], batch["cell_words"], video_id,
+                                model.get_input_embeddings().weight, FRAMES_PER_TOKEN[cfg.arch])
+            loss = loss + cfg.align_weight * align
+        optimise(loss, step + 1)
         hits = (logits[:, 0].argmax(-1) == targets[:, 0]).tolist()  # each example's own question
         for example, hit in zip(examples, hits):
             old = family_acc[example.family]
@@ -897,7 +997,10 @@ def train(cfg: TrainConfig) -> Path:
         value = float(answer_loss.detach())
         ema_loss = value if ema_loss is None else 0.95 * ema_loss + 0.05 * value
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(loss=f"{ema_loss:.3f}", words=f"{float(words.detach()):.3f}", acc=f"{ema_acc:.3f}")
+        shown = {"loss": f"{ema_loss:.3f}", "words": f"{float(words.detach()):.3f}", "acc": f"{ema_acc:.3f}"}
+        if cfg.align_weight > 0:
+            shown["align"] = f"{float(align.detach()):.3f}"
+        bar.set_postfix(shown)
         if (step + 1) % 100 == 0:
             per_family = " ".join(f"{f}={a:.2f}" for f, a in family_acc.items() if a is not None)
             bar.write(f"step {step + 1}: answer loss {ema_loss:.3f}, running accuracy {ema_acc:.3f} ({per_family})",
@@ -922,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--teacher" in argv:  # the recipe first, so that options given on the command line override it
         argv = list(TEACHER_ARGS) + argv
+    if "--deep" in argv:
+        arch = build_parser().parse_known_args(argv)[0].arch
+        argv = list(DEEP_ARGS[arch]) + argv
     cfg = _resolve(build_parser().parse_args(argv, namespace=TrainConfig()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
