@@ -70,3 +70,42 @@ def test_quality_user_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "quality", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_methods_take_per_method_options() -> None:
+    from tokensieve.bench.quality import parse_methods, split_method
+
+    assert split_method("sparsevlm:equivalent=output:recycle=false") == (
+        "sparsevlm", {"equivalent": "output", "recycle": False})
+    assert split_method("random") == ("random", {})
+    import tokensieve
+
+    names = tokensieve.methods.names()
+    assert parse_methods("vidcom2,all,sparsevlm:equivalent=output") == (
+        ["vidcom2"] + [n for n in names if n != "vidcom2"] + ["sparsevlm:equivalent=output"])
+    for bad, message in (("sparsevlm:nosuch=1", "does not accept"), ("nosuch:x=1", "unknown method"),
+                         ("fastv:layer", "KEY=VALUE"), ("sparsevlm:equivalent=sideways", "equivalent")):
+        with pytest.raises(InputError, match=message):
+            parse_methods(bad)
+
+
+def test_inllm_rows_report_equivalent_tokens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In-LLM rows carry E_in / E_out (visual tokens entering / leaving each layer, averaged over
+    the layers) and the tables show E_in marked ``eq``; a ratio the schedule cannot reach is a
+    row with its reason, not a silently different schedule."""
+    out = tmp_path / "q"
+    code = main(["bench", "quality", "--methods", "fastv,sparsevlm,sparsevlm:equivalent=output", "--retain", "0.25,0.1",
+                 "--n", "4", "--out", str(out), "--json"])
+    assert code == 0
+    rows = {(r["method"], r["retain"]): r for r in json.loads(capsys.readouterr().out)["rows"]}
+    fastv = rows[("fastv", 0.25)]
+    assert fastv["error"] is None and abs(fastv["equivalent_in"] - 0.25 * 256) <= 256 / 16
+    assert rows[("none", 1.0)]["equivalent_in"] is None
+    # SparseVLM's layers 2/6/15 of 32 go to 1/3/8 of 16: layers 0 and 1 see all 256 tokens, so by
+    # the input count it cannot reach 0.1; by its own (output) count it can
+    assert rows[("sparsevlm", 0.1)]["error"] is not None and "minimum" in rows[("sparsevlm", 0.1)]["error"]
+    e_out = rows[("sparsevlm:equivalent=output", 0.1)]
+    assert e_out["error"] is None and abs(e_out["equivalent_out"] - 25.6) <= 4
+    assert e_out["equivalent_in"] > e_out["equivalent_out"]
+    md = (out / "quality.md").read_text()
+    assert " eq |" in md and "sparsevlm` at retain 0.1" in md

@@ -484,3 +484,22 @@ def test_options_variant_defaults_and_plan():
     for bad in ({"variant": "v3"}, {"budget": "fixed"}, {"target": 100}, {"priority_heads": 0}, {"recycle_merge": "max"}):
         with pytest.raises(InputError):
             SparseVLMOptions(**bad)
+
+
+def test_ratio_budget_below_the_reachable_minimum_is_an_error() -> None:
+    """With E_in accounting the layers up to the first pruning layer see every visual token: on
+    16 layers with pruning layers (1, 3, 8) even one token per stage leaves E_in ≈ 2/16 of V0,
+    so retain 0.1 is refused (not run as a schedule of single tokens); 0.15 runs, and E_out reaches 0.1."""
+    from tokensieve.errors import InputError
+    from tokensieve.methods.sparsevlm import SparseVLM, simulate_schedule
+
+    method = SparseVLM(pruning_layers=(1, 3, 8))
+    with pytest.raises(InputError, match=r"retain=0.1 is not above the minimum .*16 layers"):
+        method.plan(256, 16, 0.1)
+    points = method.plan(256, 16, 0.15)
+    sim = simulate_schedule(256, 16, {p.layer: p.keep for p in points})
+    assert abs(sim["e_in"] / 256 - 0.15) < 0.02
+    output = SparseVLM(pruning_layers=(1, 3, 8), equivalent="output")
+    points = output.plan(256, 16, 0.1)
+    sim = simulate_schedule(256, 16, {p.layer: p.keep for p in points})
+    assert abs(sim["e_out"] / 256 - 0.1) < 0.02

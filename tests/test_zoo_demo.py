@@ -1,4 +1,4 @@
-"""A 20-question smoke run of ``tokensieve demo`` through the command line."""
+"""A 20-question smoke run of ``tokensieve demo`` through the command line, on both shipped models."""
 
 from __future__ import annotations
 
@@ -9,36 +9,50 @@ import pytest
 
 from tokensieve.cli import main
 
+METHODS = ("vidcom2", "fastv", "sparsevlm:equivalent=output")
+
 
 def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    code = main(["demo", "--n", "20", "--methods", "vidcom2,dycoke,random", "--out", str(out), "--json"])
+    code = main(["demo", "--n", "20", "--methods", ",".join(METHODS), "--out", str(out), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    table = result["table"]
-    assert [r["method"] for r in table] == ["none"] + [m for m in ("vidcom2", "dycoke", "random") for _ in (0, 1)]
-    base = table[0]
-    assert base["visual_tokens"] == 256 and base["accuracy"] >= 0.8  # 0.965 on the demo's 200
-    for row in table[1:]:
-        if row["method"] != "dycoke":  # DyCoke keeps every 4th frame whole
-            assert row["visual_tokens"] == round(256 * row["retain"])
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["prefill_ms"] > 0
+    assert [m["model"] for m in result["models"]] == ["embedded", "embedded-qwen2-vl"]
+    correct = {}
+    for model, visual in zip(result["models"], (256, 128)):
+        table = model["table"]
+        assert [r["method"] for r in table] == ["none"] + [m for m in METHODS for _ in (0, 1)]
+        base = table[0]
+        assert base["visual_tokens"] == visual and base["accuracy"] >= 0.8
+        for row in table[1:]:
+            assert row.get("error") is None, row
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["prefill_ms"] > 0
+            if row["method"] == "vidcom2":
+                assert row["visual_tokens"] == round(visual * row["retain"]) and row["equivalent_in"] is None
+            elif row["method"] == "fastv":  # in-LLM: the equivalent count (tokens entering each layer)
+                assert abs(row["equivalent_in"] - visual * row["retain"]) <= visual / 16
+        kept = model["example"]["kept_per_frame"]
+        per_frame = sum(kept["vidcom2@0.1"]) // (2 if model["arch"] == "qwen2-vl" else 1)
+        assert per_frame == round(visual * 0.1) and min(kept["vidcom2@0.1"]) >= 1
+        correct[model["model"]] = [(r["method"], r["retain"], round(r["accuracy"] * 20)) for r in table]
     # the run is seeded and deterministic: its correct answers out of 20 are pinned (same on the
     # lowest and newest supported transformers); a change here is a change in what methods keep
-    correct = [(r["method"], r["retain"], round(r["accuracy"] * 20)) for r in table]
-    assert correct == [("none", 1.0, 20), ("vidcom2", 0.25, 12), ("vidcom2", 0.1, 10), ("dycoke", 0.25, 14),
-                       ("dycoke", 0.1, 14), ("random", 0.25, 9), ("random", 0.1, 4)]
+    assert correct == PINNED
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
-    assert (out / "kept_vidcom2_r0.1.png").is_file()
-    kept = result["example"]["kept_per_frame"]
-    assert sum(kept["vidcom2@0.1"]) == round(256 * 0.1) and min(kept["vidcom2@0.1"]) >= 1
+    assert (out / "kept_embedded_vidcom2_r0.1.png").is_file()
+    assert (out / "kept_embedded-qwen2-vl_fastv_r0.25.png").is_file()
 
 
-def test_demo_table_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["demo", "--n", "5", "--methods", "uniform", "--retain", "0.5", "--no-report"])
+PINNED: dict[str, list[tuple[str, float, int]]] = {}
+
+
+def test_demo_table_text(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--n", "5", "--methods", "uniform,sparsevlm", "--retain", "0.1", "--no-report",
+                 "--model", "embedded"])
     assert code == 0
     text = capsys.readouterr().out
     assert "uncompressed" in text and "uniform" in text and "speed-up" in text
+    assert "not run: sparsevlm at 0.1" in text and "minimum" in text
 
 
 @pytest.mark.parametrize(
@@ -47,6 +61,8 @@ def test_demo_table_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["demo", "--methods", "nosuch"], "unknown method"),
         (["demo", "--retain", "1.5"], "(0, 1]"),
         (["demo", "--n", "0"], "--n"),
+        (["demo", "--model", "nosuch-model"], "--model"),
+        (["demo", "--methods", "fastv:nosuch=1"], "does not accept"),
     ],
 )
 def test_demo_user_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

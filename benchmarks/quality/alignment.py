@@ -12,7 +12,7 @@ Reported per attribute (colour, shape): the mean cosine with the right word and 
 words, and how often the right word is the nearest one (chance: 1 / number of words); the same
 for background tokens (cells without a shape) as a control.
 
-    python benchmarks/quality/alignment.py --clips 200 --out benchmarks/quality
+    python benchmarks/quality/alignment.py --clips 200 --model embedded --out benchmarks/quality
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ from pathlib import Path
 import torch
 
 
-def measure(clips: int, seed: int) -> dict:
+def measure(clips: int, seed: int, model_name: str = "embedded") -> dict:
+    from tokensieve.bench.quality import load_for_bench
     from tokensieve.zoo import synthvid
-    from tokensieve.zoo.model import load_embedded, prompt_for
+    from tokensieve.zoo.model import FRAMES_PER_TOKEN, arch_of, load_device, prompt_for, structural_video_tokens, video_token_of
 
-    model, processor = load_embedded()
+    model, processor = load_device() if model_name == "device" else load_for_bench(model_name)
     model.eval()
+    per_token = FRAMES_PER_TOKEN[arch_of(model)]
+    video_id = video_token_of(model)
     tok = processor.tokenizer
     emb = model.get_input_embeddings().weight.detach().float()
     words = {"colour": list(synthvid.COLOURS), "shape": list(synthvid.SHAPES)}
@@ -44,13 +47,16 @@ def measure(clips: int, seed: int) -> dict:
     for s in synthvid.heldout_seeds(clips, seed):
         ex = synthvid.make_example(s)
         inputs = processor(text=[prompt_for(processor, ex.question)], videos=[ex.frames], return_tensors="pt")
-        with torch.inference_mode():
-            out = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
-        f = out.pooler_output[0] if isinstance(out.pooler_output, (list, tuple)) else out.pooler_output
-        f = f.reshape(-1, f.shape[-1]).float()
-        T, G = len(ex.frames), synthvid.GRID
-        f = torch.nn.functional.normalize(f[: T * G * G].view(T, G * G, -1), dim=-1)
-        for t, objs in enumerate(ex.objects):
+        with torch.inference_mode():  # the decoder's input at the visual positions: the projector's output
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[0][0]
+        f = hidden[inputs["input_ids"][0] == video_id].float()
+        f = f[: f.shape[0] - structural_video_tokens(model)]
+        G = synthvid.GRID
+        T = len(ex.frames) // per_token
+        f = torch.nn.functional.normalize(f.view(T, G * G, -1), dim=-1)
+        # Qwen2-VL: a token covers two frames; it is compared with the shapes of the pair's first frame
+        objects = [ex.objects[t * per_token] for t in range(T)]
+        for t, objs in enumerate(objects):
             occupied = set()
             for o in objs:
                 cell = o.cell[0] * G + o.cell[1]
@@ -72,7 +78,7 @@ def measure(clips: int, seed: int) -> dict:
                     background[k]["nearest_hist"][int(cos.argmax())] += 1
                     background[k]["mean_cos"].append(float(cos.mean()))
                     background[k]["n"] += 1
-    result = {"clips": clips, "seed": seed, "words": words, "attributes": {}}
+    result = {"model": model_name, "clips": clips, "seed": seed, "words": words, "attributes": {}}
     for k in words:
         st, bg = stats[k], background[k]
         result["attributes"][k] = {
@@ -89,7 +95,7 @@ def measure(clips: int, seed: int) -> dict:
 
 
 def markdown(result: dict, command: str) -> str:
-    lines = [f"# Visual tokens vs word embeddings (embedded model)\n\n`{command}`\n",
+    lines = [f"# Visual tokens vs word embeddings (`{result['model']}`)\n\n`{command}`\n",
              f"{result['clips']} held-out clips. Cosine of each shape's visual token (post-projector) with the "
              "input embedding of each colour / shape word.\n",
              "| attribute | objects | cos(right word) | cos(other words) | right word nearest | chance | "
@@ -105,17 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="embedded",
+                        help="embedded, embedded-qwen2-vl, device (the 4-layer model, trained without the alignment "
+                        "loss) or a model directory (default: %(default)s)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    result = measure(args.clips, args.seed)
+    result = measure(args.clips, args.seed, args.model)
     command = "python benchmarks/quality/alignment.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = markdown(result, command)
     print(md)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "alignment.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "alignment.md").write_text(md)
+        stem = "alignment" if args.model == "embedded" else f"alignment-{Path(args.model).name}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(md)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,17 @@ def writable_dir(path: str | Path, option: str) -> Path:
     except OSError as exc:
         raise InputError(f"{option} {out} cannot be written to ({exc.strerror or exc})") from None
     return out
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    lowered = value.strip()
+    if lowered.lower() in ("true", "false", "none", "null"):
+        return key.strip(), {"true": True, "false": False}.get(lowered.lower())
+    try:
+        return key.strip(), json.loads(lowered)
+    except ValueError:
+        return key.strip(), value

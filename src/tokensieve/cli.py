@@ -51,17 +51,10 @@ def _retain(text: str) -> float:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as JSON when it parses (numbers, true/false, null), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    lowered = value.strip()
-    if lowered.lower() in ("true", "false", "none", "null"):
-        return key.strip(), {"true": True, "false": False}.get(lowered.lower())
-    try:
-        return key.strip(), json.loads(lowered)
-    except ValueError:
-        return key.strip(), value
+    """``KEY=VALUE`` (see :func:`tokensieve._argtypes.key_value`)."""
+    from ._argtypes import key_value
+
+    return key_value(text)
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,7 +251,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_spec_dict(s) for s in specs], indent=2))
         return 0
-    header = ("NAME", "STAGE", "TEXT", "ENC-ATTN", "POSITIONS", "BUDGETS", "SUMMARY")
+    header = ("NAME", "STAGE", "TEXT", "ENC-ATTN", "POSITIONS", "REFERENCE-POSITIONS", "BUDGETS", "SUMMARY")
     rows = [
         (
             s.name,
@@ -266,6 +259,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             "yes" if s.needs_text else "no",
             "yes" if s.needs_encoder_attention else "no",
             _positions_text(s.default_positions),
+            _positions_text(s.reference_positions),
             ",".join(s.budget_policies) or "-",
             s.summary,
         )

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 from tokensieve.errors import InputError
 
-__all__ = ["add_arguments", "evaluate_configs", "load_for_bench", "markdown_report", "parse_retains", "run"]
+__all__ = ["add_arguments", "evaluate_configs", "load_for_bench", "markdown_report", "parse_methods", "parse_retains",
+           "run", "split_method"]
 
 DEFAULT_RETAINS = (0.5, 0.25, 0.15, 0.1)
 
@@ -45,16 +46,45 @@ def parse_retains(text: str) -> list[float]:
     return out
 
 
+def split_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:KEY=VALUE:KEY=VALUE"`` (method options, values as ``tokensieve run -o``
+    reads them) → ``(name, options)``; unknown methods and options are errors."""
+    import argparse
+
+    import tokensieve
+    from tokensieve._argtypes import key_value
+
+    name, *parts = [p.strip() for p in text.split(":")]
+    spec = tokensieve.methods.get(name)  # raises InputError naming the available methods
+    options: dict[str, Any] = {}
+    for part in parts:
+        try:
+            key, value = key_value(part)
+        except argparse.ArgumentTypeError as exc:
+            raise InputError(f"method {text!r}: options go as name:KEY=VALUE[:KEY=VALUE]; {exc}") from None
+        options[key] = value
+    spec.create(**options)  # unknown or invalid options fail here, before anything runs
+    return name, options
+
+
 def parse_methods(text: str | None) -> list[str]:
-    """Comma-separated method names (``all`` or empty: every registered method); unknown names are errors."""
+    """Comma-separated methods, each a name or ``name:KEY=VALUE[:KEY=VALUE]`` (``all``: every
+    registered method with its defaults, also inside a list); unknown names or options are errors."""
     import tokensieve
 
     names = tokensieve.methods.names()
     if text is None or text.strip() in ("", "all"):
         return names
-    wanted = [m.strip() for m in text.split(",") if m.strip()]
-    for name in wanted:
-        tokensieve.methods.get(name)  # raises InputError naming the available methods
+    wanted: list[str] = []
+    for m in (m.strip() for m in text.split(",")):
+        if not m:
+            continue
+        if m == "all":
+            wanted += [n for n in names if n not in wanted]
+            continue
+        split_method(m)
+        if m not in wanted:
+            wanted.append(m)
     return wanted
 
 
@@ -93,7 +123,9 @@ def evaluate_configs(
 
     Returns one row per config: ``method``, ``retain``, ``scores`` (see
     :meth:`tokensieve.zoo.evaluate.Scores.as_dict`), ``visual_tokens_before`` /
-    ``visual_tokens_after`` (mean per question) and ``seconds``.
+    ``visual_tokens_after`` (mean per question; in-LLM methods: those reaching the last layer),
+    ``equivalent_in`` / ``equivalent_out`` (in-LLM methods: mean visual tokens entering / leaving
+    each decoder layer; ``None`` otherwise) and ``seconds``.
     """
     import tokensieve
     from tokensieve.zoo.evaluate import answer_prepared, prepare, score
@@ -105,14 +137,20 @@ def evaluate_configs(
     structural = structural_video_tokens(model)
     rows: list[dict[str, Any]] = []
     for method, retain in configs:
-        counts = {"before": 0, "after": 0, "n": 0}
+        counts: dict[str, float] = {"before": 0, "after": 0, "n": 0, "e_in": 0.0, "e_out": 0.0, "inllm": 0}
 
-        def on_batch(n: int, m: Any, counts: dict[str, int] = counts, compressed: bool = method != "none") -> None:
+        def on_batch(n: int, m: Any, counts: dict[str, float] = counts, compressed: bool = method != "none") -> None:
             counts["n"] += n
             if compressed:
                 st = tokensieve.stats(m)
                 counts["before"] += int(st.tokens_before)
                 counts["after"] += int(st.tokens_after)
+                for b in range(len(st.segments)):
+                    eq = st.equivalent_tokens(b)
+                    if eq is not None:  # in-LLM: visual tokens per layer, averaged over the layers
+                        counts["inllm"] = 1
+                        counts["e_in"] += eq["E_in"]
+                        counts["e_out"] += eq["E_out"]
             if on_progress is not None:
                 on_progress(n)
 
@@ -123,8 +161,10 @@ def evaluate_configs(
                 visual = sum(int((b["input_ids"] == video_id).sum()) for b in batches)
                 counts["before"] = counts["after"] = visual - structural * sum(int(b["input_ids"].shape[0]) for b in batches)
             else:
-                extra = {"depth": depth} if depth and "depth" in tokensieve.methods.get(method).options else {}
-                with tokensieve.compress(model, method, retain=retain, positions=positions, **extra):
+                name, extra = split_method(method)
+                if depth and "depth" in tokensieve.methods.get(name).options:
+                    extra.setdefault("depth", depth)
+                with tokensieve.compress(model, name, retain=retain, positions=positions, **extra):
                     answers = answer_prepared(model, processor, batches, on_batch=on_batch)
         except InputError as exc:
             # The method cannot run at this ratio on this model (e.g. an in-LLM method whose
@@ -133,6 +173,7 @@ def evaluate_configs(
                 on_progress(len(examples) - counts["n"])
             rows.append({"method": method, "retain": retain, "scores": None, "error": str(exc),
                          "visual_tokens_before": None, "visual_tokens_after": None,
+                         "equivalent_in": None, "equivalent_out": None,
                          "seconds": round(time.perf_counter() - began, 2), "answers": None})
             continue
         n = max(counts["n"], 1)
@@ -144,6 +185,9 @@ def evaluate_configs(
                 "error": None,
                 "visual_tokens_before": round(counts["before"] / n, 2),
                 "visual_tokens_after": round(counts["after"] / n, 2),
+                # in-LLM methods: equivalent tokens (mean visual tokens entering / leaving each layer)
+                "equivalent_in": round(counts["e_in"] / n, 2) if counts["inllm"] else None,
+                "equivalent_out": round(counts["e_out"] / n, 2) if counts["inllm"] else None,
                 "seconds": round(time.perf_counter() - began, 2),
                 "answers": answers,
             }
@@ -153,6 +197,14 @@ def evaluate_configs(
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def visual_cell(row: dict[str, Any]) -> str:
+    """The visual-token count of a result row as the tables show it: kept tokens, or for in-LLM
+    methods the equivalent count (mean entering each layer) marked ``eq``."""
+    if row.get("equivalent_in") is not None:
+        return f"{row['equivalent_in']:.1f} eq"
+    return f"{row['visual_tokens_after']:g}"
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -173,7 +225,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         kept = s["accuracy"] / base_acc if base_acc else None
         fams = [_pct((s["families"].get(f) or {}).get("accuracy")) for f in FAMILIES]
         table.append(
-            [r["method"], f"{r['retain']:g}", f"{r['visual_tokens_after']:g}", _pct(s["accuracy"]), _pct(kept)] + fams
+            [r["method"], f"{r['retain']:g}", visual_cell(r), _pct(s["accuracy"]), _pct(kept)] + fams
         )
     meta = result["meta"]
     lines = [
@@ -255,7 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", metavar="embedded|embedded-qwen2-vl|PATH",
                         help="a shipped synthetic-video model (embedded: LLaVA-OneVision, embedded-qwen2-vl: "
                         "Qwen2-VL) or a directory of one trained the same way (default: %(default)s)")
-    parser.add_argument("--methods", default="all", help="comma-separated methods, or 'all' (default: %(default)s)")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated methods, each NAME or NAME:KEY=VALUE[:KEY=VALUE] with method options "
+                        "(e.g. sparsevlm:equivalent=output), or 'all' (every method, its defaults; also inside a "
+                        "list; default: %(default)s)")
     parser.add_argument("--retain", default=",".join(f"{r:g}" for r in DEFAULT_RETAINS),
                         help="comma-separated retain ratios in (0, 1] (default: %(default)s)")
     parser.add_argument("--n", type=int, default=500, help="held-out questions (default: %(default)s)")
@@ -323,7 +378,13 @@ def run(args: argparse.Namespace) -> int:
                 + ([f"--depth {args.depth}"] if args.depth else [])
             ),
         },
-        "rows": [{k: v for k, v in r.items() if k != "answers"} for r in rows],
+        "rows": [
+            {**{k: v for k, v in r.items() if k != "answers"},
+             # per question, in order: right or not (for paired comparisons between runs)
+             "correct": None if r["answers"] is None
+             else [bool(synthvid.check_answer(e, a)) for e, a in zip(examples, r["answers"])]}
+            for r in rows
+        ],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

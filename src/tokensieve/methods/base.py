@@ -78,7 +78,9 @@ class MethodSpec:
     """Declared properties of a method, shown by ``tokensieve methods``.
 
     ``default_positions`` maps a model's position style (``"1d"`` or ``"mrope"``) to the
-    position handling the method's reference implementation used there.
+    position handling tokensieve uses there unless ``compress(positions=...)`` says otherwise
+    (set from the position A/B, ``benchmarks/quality/ab.md``); ``reference_positions`` to the
+    handling the method's reference implementation used (one option away).
     """
 
     name: str
@@ -88,6 +90,7 @@ class MethodSpec:
     needs_text: bool = False
     needs_encoder_attention: bool = False
     default_positions: dict[str, str] = field(default_factory=lambda: {"1d": "compact", "mrope": "preserve"})
+    reference_positions: dict[str, str] = field(default_factory=lambda: {"1d": "compact", "mrope": "preserve"})
     budget_policies: tuple[str, ...] = ()
     options: dict[str, str] = field(default_factory=dict)
     reference: str = ""

@@ -931,9 +931,22 @@ class SparseVLM(SparseVLMOptions, InLLMMethod):
             if retain is None:
                 raise InputError("budget='ratio' needs a retain ratio")
             layers = tuple(self.pruning_layers or PRUNING_LAYERS)
-            sched = ratio_schedule(retain, num_visual, num_layers, layers=layers, variant=self.variant,
-                                   shape=self.shape_for(len(layers)), recycle=bool(self.recycle),
-                                   equivalent=self.equivalent, tau=self.recycle_tau, theta=self.recycle_theta)
+            alpha, sched = solve_ratio(retain, num_visual, num_layers, layers=layers, variant=self.variant,
+                                       shape=self.shape_for(len(layers)), recycle=bool(self.recycle),
+                                       equivalent=self.equivalent, tau=self.recycle_tau, theta=self.recycle_theta)
+            if alpha == 0.0 and retain < 1.0:
+                # even one token per stage overshoots: the layers up to the first pruning layer
+                # see every visual token; a schedule of single tokens is not what was asked for
+                sim = simulate_schedule(num_visual, num_layers, sched, bool(self.recycle),
+                                        tau=self.recycle_tau, theta=self.recycle_theta)
+                reached = sim["e_out" if self.equivalent == "output" else "e_in"] / num_visual
+                if reached > retain + 1e-9:
+                    raise InputError(
+                        f"sparsevlm: retain={retain} is not above the minimum this schedule reaches on {num_layers} "
+                        f"layers ({reached:.3f} with equivalent={self.equivalent!r}: the layers up to pruning layer "
+                        f"{layers[0]} see every visual token); raise retain, lower pruning_layers, or use "
+                        "equivalent='output'"
+                    )
         else:
             sched = schedule_for("v1.5" if self.variant == "v1.0" else self.variant, self.target,
                                  self.pruning_layers or PRUNING_LAYERS)

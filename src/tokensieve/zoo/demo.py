@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=100, help="held-out questions (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="held-out set number (default: %(default)s)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help="comma-separated methods, or 'all' (default: %(default)s)")
+                        help="comma-separated methods, each NAME or NAME:KEY=VALUE[:KEY=VALUE] with method options, "
+                        "or 'all' (default: %(default)s)")
     parser.add_argument("--retain", default=",".join(f"{r:g}" for r in DEFAULT_RETAINS),
                         help="comma-separated retain ratios in (0, 1] (default: %(default)s)")
     parser.add_argument("--depth", choices=("published", "scaled"), default="scaled",
@@ -111,7 +112,7 @@ def run_demo(
     from tqdm.auto import tqdm
 
     import tokensieve
-    from tokensieve.bench.quality import evaluate_configs
+    from tokensieve.bench.quality import evaluate_configs, split_method
     from tokensieve.zoo import synthvid
     from tokensieve.zoo.model import FRAMES_PER_TOKEN, arch_of, prompt_for, structural_video_tokens, video_token_of
 
@@ -140,8 +141,10 @@ def run_demo(
                 row["prefill_ms"] = _prefill_ms(model, inputs)
                 row["example_kept"] = kept_by_frame(inputs["input_ids"][0], None, **layout)
             else:
-                extra = {"depth": depth} if depth and "depth" in tokensieve.methods.get(method).options else {}
-                with tokensieve.compress(model, method, retain=retain, **extra):
+                name_, extra = split_method(method)
+                if depth and "depth" in tokensieve.methods.get(name_).options:
+                    extra.setdefault("depth", depth)
+                with tokensieve.compress(model, name_, retain=retain, **extra):
                     row["prefill_ms"] = _prefill_ms(model, inputs)
                     st = tokensieve.stats(model)
                     # in-LLM methods: the tokens kept at the last prune point
@@ -170,6 +173,7 @@ def run_demo(
                 "accuracy": acc,
                 "accuracy_kept": acc / base_acc if base_acc else None,
                 "visual_tokens": row["visual_tokens_after"],
+                "equivalent_in": row.get("equivalent_in"),
                 "prefill_ms": round(row["prefill_ms"], 2),
                 "speedup": round(base["prefill_ms"] / row["prefill_ms"], 3) if row["prefill_ms"] else None,
                 "families": {f: v["accuracy"] for f, v in row["scores"]["families"].items()},
@@ -213,7 +217,7 @@ def _table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{r['retain']:g}",
                 f"{100 * r['accuracy']:.1f}%",
                 kept,
-                f"{r['visual_tokens']:g}",
+                f"{r['equivalent_in']:.1f} eq" if r.get("equivalent_in") is not None else f"{r['visual_tokens']:g}",
                 f"{r['prefill_ms']:.1f}",
                 f"{r['speedup']:.2f}x" if r["speedup"] else "–",
             ]
@@ -226,6 +230,13 @@ _ARCH_WORDS = {
     "qwen2-vl": "tiny Qwen2-VL (M-RoPE; each visual token a cell over two frames, so a pair of frames shares "
     "one 4×4 grid)",
 }
+
+
+def _slug(model: str) -> str:
+    """A file-name part for a model name or directory."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name or "model")
 
 
 def _model_sections(out: Path, result: dict[str, Any], rows: list[dict[str, Any]], shown: Any) -> list[str]:
@@ -246,7 +257,7 @@ def _model_sections(out: Path, result: dict[str, Any], rows: list[dict[str, Any]
         if row["example_kept"] is None:
             continue
         name = "uncompressed" if row["method"] == "none" else f"{row['method']}_r{row['retain']:g}"
-        file = out / f"kept_{result['model']}_{name}.png"
+        file = out / f"kept_{_slug(result['model'])}_{name}.png"
         per_token = 2 if result["arch"] == "qwen2-vl" else 1
         total = sum(len(k) for k in row["example_kept"]) // per_token
         label = "uncompressed" if row["method"] == "none" else f"{row['method']} at retain {row['retain']:g}"
