@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokensieve.zoo import synthvid
-from tokensieve.zoo.model import EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded, load_model, prompt_for
+from tokensieve.zoo.model import DEVICE_DIR, EMBEDDED_DIR, build_processor, build_tokenizer, load_embedded, load_model, prompt_for
 from tokensieve.zoo.train import (
     COUNT_SINK,
     TOKEN_WORDS,
@@ -31,11 +31,27 @@ def embedded() -> tuple[object, object]:
     return load_embedded()
 
 
-def test_shipped_files_and_size() -> None:
-    names = {p.name for p in EMBEDDED_DIR.iterdir()}
+@pytest.mark.parametrize("directory", [EMBEDDED_DIR, DEVICE_DIR], ids=["embedded", "device"])
+def test_shipped_files_and_size(directory: Path) -> None:
+    names = {p.name for p in directory.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names
-    total = sum(p.stat().st_size for p in EMBEDDED_DIR.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
     assert total <= MAX_BYTES
+
+
+def test_the_device_model_is_the_4_layer_donor() -> None:
+    """The collaboration's device model: 4 decoder layers; the 16-layer instrument was grown from
+    it (its vision tower bit for bit)."""
+    from safetensors.torch import load_file
+
+    from tokensieve.zoo.model import load_device
+
+    model, _ = load_device()
+    assert model.config.text_config.num_hidden_layers == 4
+    device = load_file(str(DEVICE_DIR / "model.safetensors"))
+    deep = load_file(str(EMBEDDED_DIR / "model.safetensors"))
+    tower = [k for k in device if "vision_tower" in k]
+    assert tower and all(torch.equal(device[k], deep[k]) for k in tower)
 
 
 def test_loads_with_from_pretrained() -> None:
@@ -54,7 +70,7 @@ def test_answers_held_out_questions_from_the_video(embedded: tuple[object, objec
     examples = [synthvid.make_example(s) for s in synthvid.heldout_seeds(40, seed=3)]
     real = score(examples, answer(model, processor, examples, batch_size=20))
     blank = score(examples, answer(model, processor, examples, batch_size=20, blank=True))
-    assert real.accuracy >= 0.85  # measured 0.964 on 1,000 held-out questions (chance 0.29)
+    assert real.accuracy >= 0.85  # measured 0.937 on 1,000 held-out questions (chance 0.29)
     assert blank.accuracy <= real.chance + 0.15
 
 
@@ -370,7 +386,7 @@ def test_teacher_recipe_shares_the_vision_tower_and_masks_like_an_uplink(tmp_pat
     from safetensors.torch import load_file
 
     from tokensieve.zoo import train as train_mod
-    from tokensieve.zoo.model import EMBEDDED_DIR, TEACHER_TEXT
+    from tokensieve.zoo.model import TEACHER_TEXT
 
     out = tmp_path / "teacher"
     assert train_mod.main(["--teacher", "--steps", "2", "--batch-size", "2", "--warmup", "1", "--threads", "1",
@@ -378,7 +394,7 @@ def test_teacher_recipe_shares_the_vision_tower_and_masks_like_an_uplink(tmp_pat
     model, _ = load_model(out)
     assert model.config.text_config.hidden_size == TEACHER_TEXT["hidden_size"]
     assert model.config.text_config.num_hidden_layers == TEACHER_TEXT["num_hidden_layers"]
-    device = load_file(str(EMBEDDED_DIR / "model.safetensors"))
+    device = load_file(str(DEVICE_DIR / "model.safetensors"))
     teacher = load_file(str(out / "model.safetensors"))
     tower = [k for k in device if "vision_tower" in k]
     assert tower and all(torch.equal(device[k], teacher[k]) for k in tower)

@@ -96,8 +96,7 @@ def compress(
             part.check_depth(num_layers)
     if inllm is not None:
         inllm.plan(10_000, num_layers, value)  # a retain this schedule cannot reach fails here, not mid-call
-    by_variant = getattr(method, "default_positions_for", None)
-    chosen = positions or (by_variant(adapter.style) if by_variant is not None else spec.positions_for(adapter.style))
+    chosen = positions or spec.positions_for(adapter.style)
     if (inllm is not None or dp is not None) and adapter.style == "mrope" and chosen == "compact":
         raise InputError(
             f"positions='compact' is not defined for in-LLM pruning on M-RoPE models ({type(model).__name__}); "

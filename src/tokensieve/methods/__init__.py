@@ -172,7 +172,7 @@ register(
         factory=SparseVLM,
         needs_text=True,
         default_positions={"1d": "compact", "mrope": "preserve"},
-        reference_positions={"1d": "compact", "mrope": "preserve"},
+        reference_positions={"1d": "compact (v1.x) / preserve (v2)", "mrope": "preserve"},
         budget_policies=("uniform", "fca"),
         options=options_of(SparseVLM),
         reference="Zhang et al., ICML 2025 (arXiv 2410.04417); SparseVLM+ as variant='v2'",

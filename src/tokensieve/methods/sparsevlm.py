@@ -770,9 +770,9 @@ class SparseVLMOptions:
     recycling, preserved (original) positions, gravity correction, 14 priority heads;
     ``"v1.0"`` – layers (2, 6, 15, 19), rank budget ``⌊scale·rank + bias⌋`` (``RANK_SCALE_BIAS``
     for ``target``), recycling, compact positions. Positions are not an option of the method:
-    ``compress(positions=...)`` chooses them for every method; :attr:`variant_positions` is the
-    variant's reference choice (the spec's "contiguous" = ``"compact"``, "original" =
-    ``"preserve"``), used when ``compress`` is given none; M-RoPE models always preserve.
+    ``compress(positions=...)`` chooses them for every method (default: the registry's, set by
+    measurement); :attr:`variant_positions` is the variant's reference choice (the spec's
+    "contiguous" = ``"compact"``, "original" = ``"preserve"``); M-RoPE models always preserve.
     """
 
     variant: str = field(default="v1.5", metadata={"help": "'v1.5' (ICML code), 'v1.0' (rank budgets) or 'v2' (SparseVLM+)"})
@@ -903,9 +903,6 @@ class SparseVLM(SparseVLMOptions, InLLMMethod):
     @property
     def uses_fca(self) -> bool:
         return self.frame_budget == "fca"
-
-    def default_positions_for(self, style: str) -> str:
-        return "preserve" if style == "mrope" else self.variant_positions
 
     def for_depth(self, num_layers: int) -> "SparseVLM":
         """This configuration with concrete pruning layers for a ``num_layers``-layer model."""
