@@ -74,6 +74,11 @@ def markdown(models: list[tuple[str, dict[str, Any], list[dict[str, Any]]]]) -> 
         "",
         "Accuracy % on the quality bench's held-out questions; Δ = preserve − compact in points, with the "
         "paired standard error where the per-question answers were kept. Per-family columns are Δ.",
+        "",
+        "The library's defaults follow from it (`tokensieve.methods`, `PRESERVE`): each method takes the "
+        "setting with the higher mean accuracy over the retains on the model of that position scheme — "
+        "`preserve` everywhere except LFTR on 1-D RoPE (`compact`). `compact` is not defined for in-LLM "
+        "pruning on M-RoPE models, so those cells are empty.",
     ]
     for name, meta, rows in models:
         lines += ["", f"## {name}", "", f"`{meta['command']}` and the same with `--positions compact`; "
