@@ -41,9 +41,16 @@ def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     assert (out / "kept_embedded_vidcom2_r0.1.png").is_file()
     assert (out / "kept_embedded-qwen2-vl_fastv_r0.25.png").is_file()
+    assert (out / "kept_embedded_sparsevlm-equivalent-output_r0.1.png").is_file()
 
 
-PINNED: dict[str, list[tuple[str, float, int]]] = {}
+PINNED: dict[str, list[tuple[str, float, int]]] = {
+    "embedded": [("none", 1.0, 18), ("vidcom2", 0.25, 20), ("vidcom2", 0.1, 17), ("fastv", 0.25, 20),
+                 ("fastv", 0.1, 10), ("sparsevlm:equivalent=output", 0.25, 19), ("sparsevlm:equivalent=output", 0.1, 12)],
+    "embedded-qwen2-vl": [("none", 1.0, 20), ("vidcom2", 0.25, 20), ("vidcom2", 0.1, 18), ("fastv", 0.25, 13),
+                          ("fastv", 0.1, 6), ("sparsevlm:equivalent=output", 0.25, 18),
+                          ("sparsevlm:equivalent=output", 0.1, 7)],
+}
 
 
 def test_demo_table_text(capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,13 +56,20 @@ def names() -> builtins.list[str]:
     return sorted(_REGISTRY)
 
 
+#: Position handling by default, set by measurement (the position A/B on the two trained
+#: embedded models, ``benchmarks/quality/ab.md``): keeping the original position ids beat
+#: renumbering for every method on both position schemes except LFTR on 1-D RoPE, where
+#: renumbering was 3 points better at every retain. ``reference_positions`` says what each
+#: method's reference code did.
+PRESERVE = {"1d": "preserve", "mrope": "preserve"}
+
 register(
     MethodSpec(
         name="vidcom2",
         stage="pre-llm",
         summary="VidCom2: frame budgets from frame uniqueness (FCA), tokens by within-frame and video uniqueness",
         factory=VidCom2,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=("fca", "uniform"),
         options=options_of(VidCom2),
@@ -75,7 +82,7 @@ register(
         stage="pre-llm",
         summary="seeded random subset of each frame's tokens",
         factory=RandomSelect,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=BUDGET_POLICIES,
         options=options_of(RandomSelect),
@@ -87,7 +94,7 @@ register(
         stage="pre-llm",
         summary="evenly spaced spatial subsampling of each frame",
         factory=UniformSelect,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=BUDGET_POLICIES,
         options=options_of(UniformSelect),
@@ -116,7 +123,7 @@ register(
         summary="VisionZip per frame: dominant tokens by encoder attention plus similarity-merged contextual tokens",
         factory=VisionZip,
         needs_encoder_attention=True,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=BUDGET_POLICIES,
         options=options_of(VisionZip),
@@ -129,7 +136,7 @@ register(
         stage="pre-llm",
         summary="DyCoke stage 1 (TTM): every 4th frame whole, the others keep tokens unlike their anchor frame",
         factory=DyCoke,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=BUDGET_POLICIES,
         options=options_of(DyCoke),
@@ -143,7 +150,7 @@ register(
         stage="in-llm",
         summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
         factory=FastV,
-        default_positions={"1d": "preserve", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "preserve", "mrope": "preserve"},
         budget_policies=("uniform", "fca"),
         options=options_of(FastV),
@@ -156,7 +163,7 @@ register(
         stage="in-llm",
         summary="PyramidDrop: geometric visual-token drops at stage boundaries, ranked by the last instruction token",
         factory=PDrop,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=("uniform", "fca"),
         options=options_of(PDrop),
@@ -171,7 +178,7 @@ register(
         summary="SparseVLM: text raters rank visual tokens at layers 2/6/15 by their own attention; pruned ones recycled",
         factory=SparseVLM,
         needs_text=True,
-        default_positions={"1d": "compact", "mrope": "preserve"},
+        default_positions=PRESERVE,
         reference_positions={"1d": "compact (v1.x) / preserve (v2)", "mrope": "preserve"},
         budget_policies=("uniform", "fca"),
         options=options_of(SparseVLM),

@@ -89,7 +89,7 @@ class MethodSpec:
     factory: Callable[..., Selector]
     needs_text: bool = False
     needs_encoder_attention: bool = False
-    default_positions: dict[str, str] = field(default_factory=lambda: {"1d": "compact", "mrope": "preserve"})
+    default_positions: dict[str, str] = field(default_factory=lambda: {"1d": "preserve", "mrope": "preserve"})
     reference_positions: dict[str, str] = field(default_factory=lambda: {"1d": "compact", "mrope": "preserve"})
     budget_policies: tuple[str, ...] = ()
     options: dict[str, str] = field(default_factory=dict)
@@ -111,7 +111,7 @@ class MethodSpec:
         return self.factory(**options)
 
     def positions_for(self, style: str) -> str:
-        return self.default_positions.get(style, "compact")
+        return self.default_positions.get(style, "preserve")
 
 
 # --- option values ------------------------------------------------------------------------------
