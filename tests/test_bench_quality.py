@@ -35,7 +35,7 @@ def test_quality_small_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert r["scores"]["n"] == 10
     assert rows[2]["visual_tokens_after"] == round(0.1 * 256)
     # seeded and deterministic (the same on the lowest and newest supported transformers): pinned
-    assert [round(r["scores"]["accuracy"] * 10) for r in rows] == [10, 5, 3, 4, 2]
+    assert [round(r["scores"]["accuracy"] * 10) for r in rows] == [9, 10, 9, 4, 4]
     saved = json.loads((out / "quality.json").read_text())
     assert saved["rows"] == rows
     md = (out / "quality.md").read_text()
@@ -61,7 +61,7 @@ def test_quality_positions_reach_every_method(tmp_path: Path, capsys: pytest.Cap
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert seen == ["preserve", "preserve"]
-    assert result["meta"]["positions"] == "preserve" and result["meta"]["command"].endswith("--positions preserve")
+    assert result["meta"]["positions"] == "preserve" and "--positions preserve" in result["meta"]["command"]
     assert "positions `preserve`" in markdown_report(result)
 
 
