@@ -559,7 +559,7 @@ def test_inllm_selections_are_the_methods_own_choice(models, arch, name):
     raters' head-mean attention averaged over raters, top k."""
     model = models(arch, "eager")
     kw = make_batch(model, arch, samples_for(arch, 3))
-    opts = {"fastv": {"layer": 2, "equivalent": "keep"}, "sparsevlm": {"pruning_layers": (1, 2)}}[name]
+    opts = {"fastv": {"layer": 2, "equivalent": "keep"}, "sparsevlm": {"pruning_layers": (1, 2), "equivalent": "output"}}[name]
     layer = 1
     attn, emb = _first_point_attention(model, kw, layer)
     with tokensieve.compress(model, name, retain=0.5, **opts):

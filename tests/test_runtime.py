@@ -114,7 +114,7 @@ def test_pruned_matches_reference(models, arch, attn, batch, method):
         with torch.no_grad():
             logits = model(**kw).logits
     positions = handle.positions
-    assert positions == ("preserve" if mrope else "compact")
+    assert positions == tokensieve.methods.get(name).positions_for("mrope" if mrope else "1d")
     assert st.tokens_after < st.tokens_before
     if name != "dycoke":  # DyCoke keeps every 4th frame whole: its own count (see its docs)
         for row in st.segments:

@@ -314,7 +314,7 @@ def test_run_rejects_unknown_method_options_before_loading(tmp_path: Path, video
 @pytest.mark.parametrize(
     "method_args",
     [
-        ["--method", "sparsevlm", "-o", "pruning_layers=[0]"],
+        ["--method", "sparsevlm", "-o", "pruning_layers=[0]", "-o", "equivalent=output"],
         ["--method", "fastv", "-o", "layer=1", "-o", "equivalent=keep"],
         ["--method", "vidcom2"],
         ["--method", "dycoke"],

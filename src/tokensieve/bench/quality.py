@@ -278,16 +278,23 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     paths = []
     for family in (None, *FAMILIES):
 
-        def value(r: dict[str, Any], family: str | None = family) -> float:
+        def value(r: dict[str, Any], family: str | None = family) -> float | None:
             s = r["scores"]
-            return float(s["accuracy"] if family is None else s["families"][family]["accuracy"])
+            if family is None:
+                return float(s["accuracy"])
+            got = s["families"].get(family)  # a small question set may lack a family
+            return None if got is None else float(got["accuracy"])
 
         series = {}
         for m in methods:
-            pts = [(r["retain"], value(r)) for r in rows if r["method"] == m and r["scores"] is not None]
-            if base is not None:
-                pts.append((1.0, value(base)))
-            series[m] = pts
+            pts = [(r["retain"], v) for r in rows
+                   if r["method"] == m and r["scores"] is not None and (v := value(r)) is not None]
+            if base is not None and (v := value(base)) is not None:
+                pts.append((1.0, v))
+            if pts:
+                series[m] = pts
+        if not series:
+            continue
         name = "quality.png" if family is None else f"quality_{family}.png"
         what = "all families" if family is None else f"{family} questions"
         chance = result["meta"]["chance"] if family is None else result["meta"]["chance_by_family"].get(family, 0.0)
