@@ -156,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=_cmd_run)
 
+    evaluate = sub.add_parser("eval", help="evaluate with lmms-eval: write the offline task (make-task)")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="KIND", required=True)
+    task = eval_sub.add_parser(
+        "make-task", help="write the offline lmms-eval task tokensieve_synthvid (held-out synthetic video questions)",
+        description="Write the offline lmms-eval task tokensieve_synthvid into DIR: lossless clips, data.jsonl "
+                    "and the task YAML; then run lmms-eval with --include_path DIR.")
+    task.add_argument("path", metavar="DIR", help="output directory")
+    task.add_argument("--n", type=positive_int, default=50, help="questions (default: %(default)s)")
+    task.add_argument("--seed", type=non_negative_int, default=0,
+                      help="held-out set (the quality bench's --seed; default: %(default)s)")
+    task.add_argument("--max-new-tokens", type=positive_int, default=2,
+                      help="generation budget per answer (default: %(default)s, as the quality bench)")
+    task.set_defaults(func=_cmd_make_task)
+
     # Commands that live in their own modules: each module offers
     # ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when used.
     for name, module, help_text in _PLUGINS:
@@ -304,6 +318,24 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     with _quiet_progress():
         make_tiny(args.arch, target, seed=args.seed)
     print(f"wrote tiny {args.arch} model and processor to {target}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# eval make-task
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_make_task(args: argparse.Namespace) -> int:
+    from tokensieve.eval.synth_task import TASK_NAME, write
+    from tokensieve.zoo.model import EMBEDDED_DIRS
+
+    path = write(args.path, args.n, args.seed, max_new_tokens=args.max_new_tokens)
+    model = EMBEDDED_DIRS["llava-onevision"]
+    print(f"wrote {args.n} questions (held-out set {args.seed}) to {path.parent}; run it with\n"
+          f"  lmms-eval --model tokensieve --model_args pretrained={model},device=cpu,dtype=float32,"
+          f"method=vidcom2,retain=0.25 --tasks {TASK_NAME} --include_path {path.parent} --batch_size 4 "
+          "--log_samples --output_path lmms-runs")
     return 0
 
 

@@ -1,0 +1,203 @@
+"""The lmms-eval plugin through the real ``lmms-eval`` command line, offline, on the embedded models.
+
+The reference is the quality bench's own code path (``tokensieve.bench.quality.evaluate_configs``:
+prompts from ``zoo.model.prompt_for``, frames straight from ``synthvid``, batches of 25), run
+in this process on the same questions; the plugin reads the clips back from the task's files,
+builds its prompts from lmms-eval's chat messages and batches as lmms-eval hands it requests.
+Skipped where lmms-eval is not installed (``pip install -e ".[eval]"``; ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+from tokensieve.errors import InputError  # noqa: E402
+from tokensieve.eval import synth_task  # noqa: E402
+from tokensieve.zoo.model import EMBEDDED_DIRS  # noqa: E402
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth_task.write(tmp_path_factory.mktemp("task"), N).parent
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf")
+
+
+def lmms_eval_run(task_dir: Path, hf_home: Path, out: Path, model_args: str, batch_size: int) -> dict:
+    """One ``python -m lmms_eval`` run; returns its results, per-doc answers and stats lines."""
+    stats = out / "stats.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home),
+           "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "tokensieve",
+        "--model_args", f"{model_args},device=cpu,dtype=float32,stats_path={stats}",
+        "--tasks", synth_task.TASK_NAME, "--include_path", str(task_dir), "--batch_size", str(batch_size),
+        "--log_samples", "--output_path", str(out / "lmms"),
+        "--verbosity", "DEBUG",  # without it lmms-eval exits 0 on any error
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = sorted((out / "lmms").rglob("*_results.json"))
+    samples = sorted((out / "lmms").rglob(f"*_samples_{synth_task.TASK_NAME}.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, sorted(p.name for p in (out / "lmms").rglob("*"))
+    docs = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
+    by_doc = {int(d["doc_id"]): d for d in docs}
+    lines = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
+    return {"results": json.loads(results[0].read_text()), "docs": by_doc, "stats": lines}
+
+
+def answer_of(doc: dict) -> str:
+    resps = doc["filtered_resps"] if "filtered_resps" in doc else doc["resps"]
+    while isinstance(resps, list):
+        resps = resps[0]
+    return str(resps)
+
+
+@pytest.fixture(scope="module")
+def bench(task_dir: Path) -> dict:
+    """The quality bench's answers to the task's questions, per model and config."""
+    from tokensieve.bench.quality import evaluate_configs
+    from tokensieve.zoo import synthvid
+    from tokensieve.zoo.model import load_model
+
+    examples = [synthvid.make_example(s) for s in synthvid.heldout_seeds(N, 0)]
+    out = {}
+    for arch, configs in (("llava-onevision", [("none", 1.0), ("vidcom2", 0.25), ("fastv:depth=scaled", 0.25)]),
+                          ("qwen2-vl", [("vidcom2", 0.25)])):
+        model, processor = load_model(EMBEDDED_DIRS[arch])
+        for row in evaluate_configs(model, processor, examples, configs):
+            out[(arch, row["method"])] = row
+    return out
+
+
+def test_manifest_resolves_to_the_chat_class() -> None:
+    from lmms_eval.models import get_model
+
+    from tokensieve.eval.lmms_model import TokensieveLMM
+
+    assert get_model("tokensieve") is TokensieveLMM
+    assert get_model("visiontrim") is TokensieveLMM
+    assert TokensieveLMM.is_simple is False
+
+
+def test_written_task_round_trips_the_frames(task_dir: Path) -> None:
+    import numpy as np
+
+    from tokensieve.video import read_video
+    from tokensieve.zoo import synthvid
+
+    docs = [json.loads(line) for line in (task_dir / "data.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in docs] == list(synthvid.heldout_seeds(N, 0))
+    for doc in docs[:5]:
+        clip = read_video(doc["video"], 32)
+        frames = np.stack([np.asarray(f) for f in clip.frames])
+        assert np.array_equal(frames, synthvid.make_example(doc["id"]).frames)
+
+
+@pytest.mark.parametrize(
+    ("arch", "method", "model_args"),
+    [
+        ("llava-onevision", "none", "method=none"),
+        ("llava-onevision", "vidcom2", "method=vidcom2,retain=0.25"),
+        ("llava-onevision", "fastv:depth=scaled", "method=fastv,retain=0.25,depth=scaled"),
+        ("qwen2-vl", "vidcom2", "method=vidcom2,retain=0.25"),
+    ],
+)
+def test_offline_task_equals_the_quality_bench(
+    arch: str, method: str, model_args: str, task_dir: Path, hf_home: Path, bench: dict, tmp_path: Path
+) -> None:
+    run = lmms_eval_run(task_dir, hf_home, tmp_path, f"pretrained={EMBEDDED_DIRS[arch]},{model_args}", 4)
+    row = bench[(arch, method)]
+    answers = [answer_of(run["docs"][i]) for i in range(N)]
+    assert [a.strip() for a in answers] == row["answers"]
+    accuracy = run["results"]["results"][synth_task.TASK_NAME]["accuracy,none"]
+    assert accuracy == pytest.approx(row["scores"]["accuracy"])
+    assert len(run["stats"]) == N
+    if method == "none":
+        assert all(line["visual_before"] is None for line in run["stats"])
+        assert row["scores"]["accuracy"] >= 0.8
+    elif method == "vidcom2":
+        for line in run["stats"]:
+            assert line["visual_after"] == round(0.25 * line["visual_before"])
+            assert line["sequence_after"] < line["sequence_before"]
+    # the sequence the language model received lands in lmms-eval's logged samples
+    inputs = [run["docs"][i]["token_counts"][0]["input_tokens"] for i in range(N)]
+    by_doc = {line["doc_id"]: line for line in run["stats"]}
+    assert inputs == [by_doc[i]["sequence_after"] for i in range(N)]
+
+
+def test_batch_1_and_batch_4_answer_alike(task_dir: Path, hf_home: Path, tmp_path: Path) -> None:
+    args = f"pretrained={EMBEDDED_DIRS['llava-onevision']},method=vidcom2,retain=0.25"
+    one = lmms_eval_run(task_dir, hf_home, tmp_path / "bs1", args, 1)
+    four = lmms_eval_run(task_dir, hf_home, tmp_path / "bs4", args, 4)
+    assert [answer_of(one["docs"][i]) for i in range(N)] == [answer_of(four["docs"][i]) for i in range(N)]
+    assert {line["batch_size"] for line in one["stats"]} == {1}
+    assert {line["batch_size"] for line in four["stats"]} == {4}
+
+    def kept(run: dict) -> dict:
+        return {line["doc_id"]: (line["visual_after"], line["frame_counts"]) for line in run["stats"]}
+
+    assert kept(one) == kept(four)
+
+
+def test_a_failing_run_fails_the_command(task_dir: Path, hf_home: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "tokensieve",
+         "--model_args", f"pretrained={EMBEDDED_DIRS['llava-onevision']},method=vidcom2,retain=2,device=cpu",
+         "--tasks", synth_task.TASK_NAME, "--include_path", str(task_dir), "--output_path", str(tmp_path),
+         "--verbosity", "DEBUG"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode != 0
+    assert "retain" in done.stderr
+
+
+# -- argument checks, before anything loads ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "vidcom2", "retain": 0.25, "layer": 2}, "unknown --model_args for method 'vidcom2': layer; accepted:"),
+        ({"method": "nosuch"}, "nosuch"),
+        ({"method": "none", "retain": 0.5}, "retain=0.5 needs a method"),
+        ({"method": "none", "layer": 2}, "method options were given with method=none"),
+        ({"method": "vidcom2", "retain": 0.25, "batch_size": "auto"}, "batch_size=auto is not supported"),
+        ({"method": "vidcom2", "retain": 0.25, "batch_size": "0"}, "batch_size must be an integer >= 1"),
+        ({"method": "vidcom2", "retain": 0.25, "positions": "middle"}, "positions must be one of"),
+        ({"method": "vidcom2", "retain": 1.5}, "retain"),
+        ({"method": "vidcom2", "retain": 0.25, "dtype": "float8"}, "dtype must be one of"),
+        ({"method": "vidcom2", "retain": 0.25, "fps": -1}, "fps must be a number > 0"),
+    ],
+)
+def test_bad_model_args_are_refused_before_loading(kwargs: dict, message: str, tmp_path: Path) -> None:
+    from tokensieve.eval.lmms_model import TokensieveLMM
+
+    missing = tmp_path / "no-model-here"  # loading it would fail differently
+    with pytest.raises(InputError, match=None) as info:
+        TokensieveLMM(pretrained=str(missing), device="cpu", **kwargs)
+    assert message in str(info.value)
+
+
+def test_option_values_are_read_as_lmms_eval_leaves_them() -> None:
+    from tokensieve.eval.lmms_model import coerce_options
+
+    assert coerce_options("pdrop", {"layers": "[2,4,6]", "ratios": "None"}) == {"layers": [2, 4, 6], "ratios": None}
+    assert coerce_options("fastv", {"layer": 2, "depth": "scaled"}) == {"layer": 2, "depth": "scaled"}
+    assert coerce_options("lftr", {"spatial": '"off"'}) == {"spatial": "off"}
+    with pytest.raises(InputError, match="layer"):
+        coerce_options("fastv", {"layer": "two"})
