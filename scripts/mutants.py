@@ -173,6 +173,43 @@ class PDrop(InLLMMethod):''',
         "        return encode(min(lo + 1, len(examples)))",
         ("tests/test_collab_akd.py::test_the_uplink_holds_the_least_confident_clips_that_fit_its_byte_budget",),
     ),
+    # The lmms-eval plugin (run these with an environment that has lmms-eval: the README's
+    # ci:test-eval command, then `python scripts/mutants.py -k lmms`).
+    Mutant(
+        "lmms-answers-shuffled", "the plugin returns a batch's answers in reverse order",
+        "eval/lmms_model.py",
+        "                    for i, result in zip(chunk, self._answer(",
+        "                    for i, result in zip(chunk[::-1], self._answer(",
+        ("tests/test_lmms_eval.py::test_batch_1_and_batch_4_answer_alike",),
+    ),
+    Mutant(
+        "lmms-right-padding", "the plugin pads batches on the right",
+        "eval/lmms_model.py",
+        '        tokenizer.padding_side = "left"',
+        '        tokenizer.padding_side = "right"',
+        ("tests/test_lmms_eval.py::test_batch_1_and_batch_4_answer_alike",),
+    ),
+    Mutant(
+        "lmms-stats-first-sample", "every stats line of a batch describes its first sample",
+        "eval/lmms_model.py",
+        '            sample = stats.as_dict()["samples"][j] if stats is not None else None',
+        '            sample = stats.as_dict()["samples"][0] if stats is not None else None',
+        ("tests/test_lmms_eval.py::test_batch_1_and_batch_4_answer_alike",),
+    ),
+    Mutant(
+        "lmms-until-ignored", "the plugin does not cut answers at the task's stop strings",
+        "eval/lmms_model.py",
+        "        if stop in text:\n",
+        "        if False:\n",
+        ("tests/test_lmms_eval.py::test_generation_settings_and_stop_strings",),
+    ),
+    Mutant(
+        "lmms-frames-resampled", "the task's clips are written at a different size than rendered",
+        "eval/synth_task.py",
+        "        stream.width, stream.height = int(array.shape[2]), int(array.shape[1])",
+        "        stream.width, stream.height = int(array.shape[2]) + 2, int(array.shape[1])",
+        ("tests/test_lmms_eval.py::test_written_task_round_trips_the_frames",),
+    ),
 )
 
 

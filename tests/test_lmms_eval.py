@@ -182,14 +182,17 @@ def test_a_failing_run_fails_the_command(task_dir: Path, hf_home: Path, tmp_path
         ({"method": "vidcom2", "retain": 1.5}, "retain"),
         ({"method": "vidcom2", "retain": 0.25, "dtype": "float8"}, "dtype must be one of"),
         ({"method": "vidcom2", "retain": 0.25, "fps": -1}, "fps must be a number > 0"),
+        ({"method": "none", "positions": "preserve"}, "positions=preserve needs a method"),
+        ({"method": "vidcom2", "retain": 0.25, "device": "tpu"}, "device must be cuda, cuda:N, cpu or mps"),
+        ({"method": "vidcom2", "retain": 0.25}, "could not load"),  # every argument fine: the path is not
     ],
 )
 def test_bad_model_args_are_refused_before_loading(kwargs: dict, message: str, tmp_path: Path) -> None:
     from tokensieve.eval.lmms_model import TokensieveLMM
 
-    missing = tmp_path / "no-model-here"  # loading it would fail differently
-    with pytest.raises(InputError, match=None) as info:
-        TokensieveLMM(pretrained=str(missing), device="cpu", **kwargs)
+    missing = tmp_path / "no-model-here"  # only the last case gets as far as loading it
+    with pytest.raises(InputError) as info:
+        TokensieveLMM(pretrained=str(missing), **{"device": "cpu", **kwargs})
     assert message in str(info.value)
 
 
@@ -201,3 +204,73 @@ def test_option_values_are_read_as_lmms_eval_leaves_them() -> None:
     assert coerce_options("lftr", {"spatial": '"off"'}) == {"spatial": "off"}
     with pytest.raises(InputError, match="layer"):
         coerce_options("fastv", {"layer": "two"})
+
+
+def test_generation_settings_and_stop_strings() -> None:
+    from tokensieve.eval.lmms_model import _cut, _gen_settings
+
+    settings, until = _gen_settings({"max_new_tokens": 16, "temperature": 0, "top_p": 0.9, "until": ["\n\n", "ASSISTANT:"]})
+    assert settings == {"max_new_tokens": 16, "num_beams": 1, "do_sample": False}  # greedy: no sampling knobs
+    assert _cut("B. the cat\n\nmore", until) == "B. the cat"
+    assert _cut("B ASSISTANT: again\n\nx", until) == "B "
+    settings, until = _gen_settings({"temperature": 0.7, "top_k": 5, "until": "stop"})
+    assert settings["do_sample"] and settings["temperature"] == 0.7 and settings["top_k"] == 5
+    assert until == ["stop"]
+    with pytest.raises(InputError, match="generation settings foo are not supported"):
+        _gen_settings({"foo": 1})
+
+
+@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2-vl", "qwen2.5-vl"])
+def test_every_family_answers_images_and_videos_batched_as_one_at_a_time(arch: str, tmp_path: Path) -> None:
+    """Mixed image and video requests, three tasks' worth of settings, through ``generate_until``
+    at batch 3: each answer equals a single, unpadded ``generate`` on the same compressed model,
+    with the inputs built by hand from the processor."""
+    import torch
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    from tokensieve.eval.lmms_model import TokensieveLMM
+    from tokensieve.tiny import make_tiny
+    from tokensieve.video import read_video
+    from tokensieve.zoo import synthvid
+
+    model_dir = make_tiny(arch, tmp_path / "model")
+    clips = [synth_task.write_video(tmp_path / f"{s}.mp4", synthvid.make_example(s).frames) for s in (11, 12)]
+    image = Image.fromarray(synthvid.make_example(13).frames[5])
+    docs = [
+        {"media": ("video", str(clips[0])), "q": "what shape appeared only briefly ?"},
+        {"media": ("image", image), "q": "what colour is the square ?"},
+        {"media": ("video", str(clips[1])), "q": "where was it at the end ?"},
+        {"media": ("image", image), "q": "which shape is on the left side of the picture ?"},
+    ]
+
+    def to_messages(doc: dict) -> list:
+        kind, url = doc["media"]
+        return [{"role": "user", "content": [{"type": kind, "url": url}, {"type": "text", "text": doc["q"]}]}]
+
+    lm = TokensieveLMM(pretrained=str(model_dir), method="vidcom2", retain=0.5, device="cpu", dtype="float32",
+                       batch_size=3, max_num_frames=8)
+    lm.task_dict = {"a": {"test": docs}, "b": {"test": docs}}
+    settings = {"a": {"max_new_tokens": 3, "temperature": 0}, "b": {"max_new_tokens": 2, "temperature": 0}}
+    order = [("a", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 3), ("a", 3), ("b", 0)]
+    requests = [Instance("generate_until", ("", to_messages, settings[t], i, t, "test"), idx=0,
+                         metadata={"task": t, "doc_id": i, "repeats": 1}) for t, i in order]
+    out = lm.generate_until(requests)
+
+    processor = lm.processor
+    for (task, i), result in zip(order, out):
+        kind, url = docs[i]["media"]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": docs[i]["q"]}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if kind == "video":
+            clip = read_video(url, 8)
+            inputs = processor(text=[prompt], videos=[clip.frames], video_metadata=[clip.metadata()],
+                               do_sample_frames=False, return_tensors="pt")
+        else:
+            inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            ids = lm.model.generate(**inputs, do_sample=False, max_new_tokens=settings[task]["max_new_tokens"])
+        want = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)[0]
+        assert result.text == want and want.strip(), (task, i, result.text, want)
+        assert result.token_counts.output_tokens <= settings[task]["max_new_tokens"]

@@ -114,6 +114,11 @@ def _gen_settings(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return out, [u for u in until if isinstance(u, str) and u]
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
 def _cut(text: str, until: list[str]) -> str:
     for stop in until:
         if stop in text:
@@ -176,15 +181,17 @@ class TokensieveLMM(lmms):
             if options:
                 raise InputError(f"method options were given with method=none: {', '.join(sorted(options))}; "
                                  f"accepted without a method: {', '.join(_OWN_ARGS)}")
-            if float(retain) != 1.0:
+            if _text_value(retain) != 1:
                 raise InputError(f"retain={retain} needs a method (method=none keeps every token)")
+            if _text_value(positions) is not None:
+                raise InputError(f"positions={positions} needs a method (method=none changes no position)")
             self.options: dict[str, Any] = {}
         else:
             self.options = coerce_options(method, options)
         from tokensieve.methods.budget import check_retain
         from tokensieve.runtime import POSITION_MODES
 
-        self.retain = check_retain(float(_text_value(retain))) if method != "none" else 1.0
+        self.retain = check_retain(_text_value(retain)) if method != "none" else 1.0
         positions = _text_value(positions)
         if positions is not None and positions not in POSITION_MODES:
             raise InputError(f"positions must be one of {', '.join(POSITION_MODES)} (or none), got {positions!r}")
@@ -212,7 +219,13 @@ class TokensieveLMM(lmms):
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
             device = f"cuda:{self.accelerator.local_process_index}"
-        self._device = torch.device(device) if device_map is None else None
+        if device_map is None:
+            try:
+                self._device = torch.device(str(device))
+            except RuntimeError:
+                raise InputError(f"device must be cuda, cuda:N, cpu or mps, got {device!r}") from None
+            if self._device.type == "cuda" and not torch.cuda.is_available():
+                raise InputError("device=cuda but this machine has no CUDA device; pass device=cpu in --model_args")
         self.stats_path = None
         if stats_path:
             path = Path(str(stats_path)).expanduser()
@@ -230,7 +243,12 @@ class TokensieveLMM(lmms):
         load_kwargs: dict[str, Any] = {"trust_remote_code": bool(trust_remote_code)}
         if revision:
             load_kwargs["revision"] = str(revision)
-        self.processor = load_processor(pretrained, **load_kwargs)
+        try:
+            self.processor = load_processor(pretrained, **load_kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"could not load the processor of {pretrained!r}: {_first_line(exc)}") from exc
         self._set_frame_size()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None or getattr(self.processor, "chat_template", None) is None:
@@ -238,13 +256,16 @@ class TokensieveLMM(lmms):
                              "expected an instruction-tuned image/video LLM")
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
-        model = AutoModelForImageTextToText.from_pretrained(
-            pretrained,
-            dtype="auto" if dtype == "auto" else getattr(torch, dtype),
-            attn_implementation=attn_implementation,
-            device_map=device_map,
-            **load_kwargs,
-        )
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                pretrained,
+                dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+                attn_implementation=str(attn_implementation),
+                device_map=device_map,
+                **load_kwargs,
+            )
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise InputError(f"could not load {pretrained!r}: {_first_line(exc)}") from exc
         if device_map is None:
             model = model.to(self._device)
         model.eval()
