@@ -91,6 +91,8 @@ def compress(
     inllm = method if spec.stage == "in-llm" else None
     selector = method if spec.stage == "pre-llm" else None
     dp = method.decode_stage() if hasattr(method, "decode_stage") else None
+    if (inllm is not None or dp is not None) and adapter.inllm_unsupported:
+        raise InputError(f"{spec.name!r} on {type(model).__name__}: {adapter.inllm_unsupported}")
     for part in (inllm, dp):
         if part is not None:
             part.check_depth(num_layers)

@@ -19,7 +19,7 @@ IMAGE_TOKEN, VIDEO_TOKEN, V_START, V_END = 900, 901, 902, 903
 
 @dataclass(frozen=True)
 class Arch:
-    """A model shape. ``family`` is ``"llava-onevision"``, ``"qwen2-vl"`` or ``"qwen2.5-vl"``."""
+    """A model shape. ``family`` is ``"llava-onevision"``, ``"qwen2-vl"``, ``"qwen2.5-vl"`` or ``"qwen3-vl"``."""
 
     name: str
     family: str
@@ -34,6 +34,16 @@ _QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28
                  num_key_value_heads=4, vocab_size=152064)
 _SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
                       image_size=384, patch_size=14)
+#: Qwen3-VL (config.json of the Instruct checkpoints): Qwen3 decoders with interleaved M-RoPE,
+#: 16-px patches, DeepStack levels from three ViT blocks
+_QWEN3VL_ROPE = {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+                 "rope_theta": 5000000.0}
+_QWEN3VL_VIT_2B = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[5, 11, 17])
+_QWEN3VL_VIT_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24])
 _QWEN2VL_VIT = dict(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2)
 
@@ -50,6 +60,12 @@ ARCHES: dict[str, Arch] = {
                   num_key_value_heads=2, vocab_size=1024),
              dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
                   temporal_patch_size=2), 32, "test shape"),
+        Arch("tiny-qwen3-vl", "qwen3-vl",
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=1024),
+             dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2]),
+             32, "test shape"),
         Arch("llava-ov-0.5b", "llava-onevision",
              dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936),
@@ -71,6 +87,14 @@ ARCHES: dict[str, Arch] = {
              dict(hidden_size=1280, depth=32, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31]), 448, "Qwen/Qwen2.5-VL-7B-Instruct"),
+        Arch("qwen3-vl-2b", "qwen3-vl",
+             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936),
+             _QWEN3VL_VIT_2B, 448, "Qwen/Qwen3-VL-2B-Instruct"),
+        Arch("qwen3-vl-8b", "qwen3-vl",
+             dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936),
+             _QWEN3VL_VIT_8B, 448, "Qwen/Qwen3-VL-8B-Instruct"),
     )
 }
 
@@ -92,6 +116,8 @@ def build_model(arch: Arch, *, dtype: torch.dtype = torch.float32, attn: str = "
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     torch.manual_seed(seed)
@@ -107,6 +133,17 @@ def build_model(arch: Arch, *, dtype: torch.dtype = torch.float32, attn: str = "
             vision_feature_layer=-1, vision_feature_select_strategy="full",
         )
         cls = LlavaOnevisionForConditionalGeneration
+    elif arch.family == "qwen3-vl":
+        text["rope_parameters"] = dict(_QWEN3VL_ROPE)
+        if arch.name == "tiny-qwen3-vl":
+            text["rope_parameters"]["mrope_section"] = [4, 2, 2]
+        if vision_layers is not None:
+            vision["depth"] = vision_layers
+            vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision_layers]
+        vision["out_hidden_size"] = text["hidden_size"]
+        cfg = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                            video_token_id=VIDEO_TOKEN, vision_start_token_id=V_START, vision_end_token_id=V_END)
+        cls = Qwen3VLForConditionalGeneration
     else:
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         q = head_dim // 2
@@ -155,7 +192,13 @@ def make_inputs(model: torch.nn.Module, arch: Arch, frames: int, *, seed: int = 
         kw["pixel_values_videos"] = torch.randn(t * hw * hw, 3 * tp * ps * ps, generator=g).to(dtype)
         kw["video_grid_thw"] = torch.tensor([[t, hw, hw]])
         n = t * hw * hw // merge**2
-        ids = prefix + [V_START] + [VIDEO_TOKEN] * n + [V_END] + question + suffix
+        if arch.family == "qwen3-vl":  # each temporal patch: "<x.x seconds>" <vs> pads <ve>
+            per = n // t
+            stamps = torch.randint(10, 800, (t, 4), generator=g).tolist()
+            ids = prefix + [x for k in range(t) for x in stamps[k] + [V_START] + [VIDEO_TOKEN] * per + [V_END]]
+            ids += question + suffix
+        else:
+            ids = prefix + [V_START] + [VIDEO_TOKEN] * n + [V_END] + question + suffix
         if arch.family == "qwen2.5-vl":
             kw["second_per_grid_ts"] = torch.tensor([1.0])
     input_ids = torch.tensor([ids])

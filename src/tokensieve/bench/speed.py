@@ -181,9 +181,11 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                                                             attn_implementation=cfg["attn"]).eval()
         family = {"LlavaOnevisionForConditionalGeneration": "llava-onevision",
                   "Qwen2VLForConditionalGeneration": "qwen2-vl",
-                  "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl"}.get(type(model).__name__)
+                  "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl",
+                  "Qwen3VLForConditionalGeneration": "qwen3-vl",
+                  "Qwen3VLMoeForConditionalGeneration": "qwen3-vl"}.get(type(model).__name__)
         if family is None:
-            raise InputError(f"bench speed supports LLaVA-OneVision and Qwen2/2.5-VL, got {type(model).__name__}")
+            raise InputError(f"bench speed supports LLaVA-OneVision, Qwen2/2.5-VL and Qwen3-VL, got {type(model).__name__}")
         vc = model.config.vision_config
         arch = Arch("checkpoint", family, {}, {"image_size": getattr(vc, "image_size", 384),
                                                "patch_size": vc.patch_size}, 448)

@@ -8,8 +8,9 @@ from ..errors import InputError
 from .base import Adapter, Prepared, Segment
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (LlavaOnevisionAdapter(), Qwen2VLAdapter())
+ADAPTERS: tuple[Adapter, ...] = (LlavaOnevisionAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter())
 
 
 def supported_classes() -> list[str]:

@@ -125,6 +125,14 @@ class Adapter:
     #: the encoder signal used when the encoder offers no summary-token attention
     #: (``None``: the family cannot give an encoder-attention signal at all)
     fallback_encoder_signal: ClassVar[str | None] = "frame-mean"
+    #: why in-LLM methods cannot run on this family (``None``: they can)
+    inllm_unsupported: ClassVar[str | None] = None
+    #: the language-model argument that takes the visual-position mask ``[B, L]`` of the
+    #: sequence it receives, for families whose :meth:`prepare` puts per-visual-token streams in
+    #: ``Prepared.rest["visual_streams"]`` (name → list of ``[N_visual, D]``, rows in the
+    #: row-major order of ``Prepared.rest["visual_rank"]``): the runtime gathers their kept rows
+    #: and passes them to the language model's prefill under their names. ``None``: no streams.
+    visual_mask_key: ClassVar[str | None] = None
 
     def special_ids(self, model: torch.nn.Module) -> set[int]:
         """Token ids that are never part of a question (placeholders, padding, BOS)."""

@@ -68,6 +68,9 @@ class TrimState:
     #: one compressed call at a time: per-call bookkeeping (pending, session, rows) lives here,
     #: so concurrent calls from several threads are serialised, never interleaved
     lock: Any = field(default_factory=threading.RLock, repr=False)
+    #: per-visual-token inputs of the next language-model prefill, gathered with the kept tokens
+    #: (Qwen3-VL's DeepStack levels and visual-position mask; see ``Adapter.visual_mask_key``)
+    lm_extras: Any = None
     #: why the last compressed call failed (``stats`` says so instead of describing an older call)
     last_error: str | None = None
     #: per thread (``threading.get_ident()``): the statistics of that thread's last compressed
@@ -79,13 +82,15 @@ class TrimState:
         wrappers and this state are copied with it; per-call bookkeeping starts empty."""
         out = object.__new__(type(self))
         memo[id(self)] = out
-        skip = {"lock", "pending", "session", "rows_used", "last", "inllm_record", "last_error", "by_thread"}
+        skip = {"lock", "pending", "session", "rows_used", "last", "inllm_record", "last_error", "by_thread",
+                "lm_extras"}
         for name, value in vars(self).items():
             if name not in skip:
                 setattr(out, name, copy.deepcopy(value, memo))
         out.lock = threading.RLock()
         out.by_thread = {}
         out.pending = out.session = out.rows_used = out.last = out.inllm_record = out.last_error = None
+        out.lm_extras = None
         return out
 
     def __reduce__(self) -> Any:
@@ -202,6 +207,7 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         pad_id=_pad_id(model),
     )
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
+    state.lm_extras = _lm_extras(state.adapter, prepared, trimmed)
     trimmed.stats.lm_shape = lm_shape(model)
     state.last = trimmed.stats
     state.last_error = None
@@ -211,6 +217,47 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         state.pending = pending_layouts(prepared, trimmed, state)
         state.session = None
     return prepared, trimmed
+
+
+def _lm_extras(adapter: Adapter, prepared: Prepared, trimmed: Trimmed) -> dict[str, Any] | None:
+    """The kept tokens' rows of the adapter's per-visual-token streams and their visual-position
+    mask over the sequence the language model receives (``None`` when the family has none)."""
+    streams = prepared.rest.get("visual_streams")
+    if adapter.visual_mask_key is None or not streams:
+        return None
+    rank = prepared.rest["visual_rank"]
+    ranks = [rank[b, keep] for b, keep in enumerate(trimmed.stats.emitted)]
+    mask = repad([r >= 0 for r in ranks], trimmed.padding_side, False, trimmed.attention_mask.shape[1])
+    index = torch.cat([r[r >= 0] for r in ranks])
+    out: dict[str, Any] = {adapter.visual_mask_key: mask}
+    for name, rows in streams.items():
+        out[name] = [level[index] for level in rows]
+    return out
+
+
+class _LMExtras:
+    """Wraps the language model's ``forward``: the prefill call gets the gathered per-visual-token
+    inputs (:func:`_lm_extras`), which the top-level forward does not pass when it is given
+    ``inputs_embeds``. Later calls (decoding) pass through unchanged."""
+
+    def __init__(self, state: "TrimState", original: Any) -> None:
+        self.state = state
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        extras = self.state.lm_extras
+        key = self.state.adapter.visual_mask_key
+        embeds = kwargs.get("inputs_embeds")
+        if extras is not None and kwargs.get(key) is None and embeds is not None \
+                and embeds.shape[1] == extras[key].shape[1]:
+            self.state.lm_extras = None  # the prefill only
+            device = embeds.device
+            kwargs = {**kwargs, key: extras[key].to(device)}
+            for name, value in extras.items():
+                if name != key:
+                    kwargs[name] = [v.to(device, embeds.dtype) for v in value]
+        return self.original(*args, **kwargs)
 
 
 def model_position_ids(trimmed: Trimmed, style: str) -> torch.Tensor:
@@ -297,6 +344,7 @@ class _Forward(_Wrapper):
             return original(**new_kw)
         finally:
             state.pending = None
+            state.lm_extras = None
 
 
 def _check_outputs(state: TrimState, kw: dict[str, Any]) -> None:
@@ -403,6 +451,7 @@ class _Generate(_Wrapper):
             out = original(**call, **gen_kw)
         finally:
             state.pending = None
+            state.lm_extras = None
             state.session = None  # the generation is over: do not keep its KV cache alive
         return _prepend_prompt(out, input_ids, pruned_len)
 
@@ -498,6 +547,10 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
         lm = state.adapter.language_model(model)
         state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
         lm.forward = LMForward(model, lm, state, lm.forward)  # type: ignore[method-assign]
+    elif state.adapter.visual_mask_key is not None:
+        lm = state.adapter.language_model(model)
+        state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
+        lm.forward = _LMExtras(state, lm.forward)  # type: ignore[method-assign]
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -516,7 +569,7 @@ def uninstall(model: torch.nn.Module) -> None:
         lm.__dict__.pop("forward", None)
         if state.saved["lm_forward"] is not _MISSING:
             lm.__dict__["forward"] = state.saved["lm_forward"]
-    state.pending = state.session = None
+    state.pending = state.session = state.lm_extras = None
     state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
     delattr(model, STATE_ATTR)
 

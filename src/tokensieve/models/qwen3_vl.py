@@ -1,0 +1,77 @@
+"""Adapter for ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``.
+
+Qwen3-VL (arXiv 2511.21631) keeps Qwen2.5-VL's vision layout — 2×2-merged patches, two frames
+per temporal patch, raster order, frame-major — with two differences that matter here:
+
+- **Video frames are separate runs.** Each temporal patch is written as
+  ``<t seconds> <|vision_start|> <|video_pad|>×(h·w/4) <|vision_end|>``: the timestamps are text
+  and stay. A video is still one segment, its positions spread over the runs.
+- **DeepStack** (arXiv 2406.04334): the vision tower also hands the language model features from
+  intermediate ViT blocks, added to the visual positions' hidden states after the first decoder
+  layers (one level per layer). They belong to the visual tokens: :meth:`Qwen3VLAdapter.prepare`
+  hands them over as per-visual-token streams, the runtime gathers the kept tokens' rows with
+  the same keep indices and hands them to the language model with the new visual-position mask
+  (``visual_mask_key``), injected into the
+  prefill's language-model call, which the top-level forward would otherwise call without them
+  when it is given ``inputs_embeds``.
+
+Positions are interleaved M-RoPE ids from the model's own ``get_rope_index`` on the full
+sequence (each frame a grid of its own; time lives in the timestamp text), gathered by the
+runtime. In-LLM methods are not supported on this family yet: their layer loop would have to
+add the DeepStack levels between layers and prune them at every prune point before the last
+level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Prepared, split_placeholders
+from .qwen2_vl import Qwen2VLAdapter
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    family = "qwen3-vl"
+    classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    inllm_unsupported = (
+        "in-LLM methods are not supported on Qwen3-VL yet (DeepStack adds visual features inside the "
+        "first decoder layers); use a pre-LLM method (vidcom2, lftr, visionzip, dycoke, random, uniform)"
+    )
+    visual_mask_key = "visual_pos_masks"
+
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+        input_ids = self.require_ids(kwargs)
+        inner = model.model
+        cfg = model.config
+        enc = dict(kwargs.get("mm_encoder_outputs") or {})
+        if enc.get("image") is None and kwargs.get("pixel_values") is not None:
+            enc["image"] = inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
+        if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
+            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], kwargs.get("video_grid_thw"),
+                                                    return_dict=True)
+        prepared = super().prepare(model, {**kwargs, "mm_encoder_outputs": enc}, encoder_attention)
+        # DeepStack levels of every visual token, in the row-major order of the visual positions
+        # (images and videos together), as the model's own forward orders them
+        visual = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)
+        rank = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        rank[visual] = torch.arange(int(visual.sum()), device=input_ids.device)
+        levels: list[torch.Tensor] | None = None
+        for modality, token_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
+            out = enc.get(modality)
+            stacks = getattr(out, "deepstack_features", None) if out is not None else None
+            if not stacks:
+                continue
+            sizes = [int(f.shape[0]) for f in stacks[0]]
+            placed = split_placeholders(input_ids, token_id, sizes, f"{modality}s")
+            if levels is None:
+                D = int(stacks[0][0].shape[-1])
+                levels = [prepared.inputs_embeds.new_zeros(int(visual.sum()), D) for _ in stacks]
+            for j, level in enumerate(stacks):
+                for f, (b, pos) in zip(level, placed):
+                    levels[j][rank[b, pos]] = f.to(levels[j].device, levels[j].dtype)
+        if levels is not None:
+            prepared.rest["visual_streams"] = {"deepstack_visual_embeds": levels}
+            prepared.rest["visual_rank"] = rank
+        return prepared
