@@ -173,6 +173,27 @@ class PDrop(InLLMMethod):''',
         "        return encode(min(lo + 1, len(examples)))",
         ("tests/test_collab_akd.py::test_the_uplink_holds_the_least_confident_clips_that_fit_its_byte_budget",),
     ),
+    Mutant(
+        "deepstack-not-injected", "pre-LLM: the language model's prefill gets no DeepStack levels (Qwen3-VL)",
+        "runtime/patch.py",
+        "        if extras is not None and kwargs.get(key) is None and embeds is not None \\\n",
+        "        if False and extras is not None and kwargs.get(key) is None and embeds is not None \\\n",
+        ("tests/test_qwen3_vl.py::test_compressed_prefill_equals_the_unpatched_language_model_on_the_kept_tokens",),
+    ),
+    Mutant(
+        "deepstack-skipped-in-layer-loop", "in-LLM: the layer loop does not add the DeepStack levels",
+        "runtime/inllm.py",
+        "            h_out = deepstack.add(idx, h_out, mask, origin)",
+        "            h_out = h_out",
+        ("tests/test_qwen3_vl.py::test_in_llm_methods_equal_the_unpatched_layers_with_deepstack_by_hand",),
+    ),
+    Mutant(
+        "deepstack-rows-by-slot", "in-LLM: DeepStack rows found by current slot, not by LM-input index",
+        "runtime/inllm.py",
+        "            safe = o.clamp(min=0)",
+        "            safe = torch.arange(o.numel(), device=o.device).clamp(max=self.visual.shape[1] - 1)",
+        ("tests/test_qwen3_vl.py::test_in_llm_methods_equal_the_unpatched_layers_with_deepstack_by_hand",),
+    ),
     # The lmms-eval plugin (run these with an environment that has lmms-eval: the README's
     # ci:test-eval command, then `python scripts/mutants.py -k lmms`).
     Mutant(

@@ -224,11 +224,102 @@ def test_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_hand() -> 
         assert both[b, L:].tolist() == generated, b
 
 
-def test_in_llm_methods_are_refused_with_the_reason() -> None:
+@torch.no_grad()
+def reference_inllm_logits(model, kw: dict, b: int, record, generated: list[int] = ()) -> torch.Tensor:
+    """Sample ``b`` alone, layer by layer through the unpatched decoder layers: DeepStack level j
+    added to the visual rows present after layer j; at each prune point the visual tokens the
+    method kept (``record.kept``, LM-input indices) stay with their original ids; then
+    ``generated`` tokens appended at max id + 1, + 2, ... Returns the last position's logits."""
+    lm = model.model.language_model
+    embeds, levels, visual, pos = full_inputs(model, kw)
+    L = kw["input_ids"].shape[1]
+    valid = kw["attention_mask"][b].bool()
+    offset = L - int(valid.sum())  # left padding: LM-input index = offset + local index
+    nxt = int(pos[:, b, valid].max()) + 1
+    new_ids = torch.tensor(list(generated), dtype=torch.long)
+    h = torch.cat([embeds[b, valid], lm.embed_tokens(new_ids)])[None]
+    rot = torch.cat([pos[:, b, valid], torch.arange(nxt, nxt + len(generated))[None].expand(3, -1)], 1)[:, None]
+    vis = torch.cat([visual[b, valid], torch.zeros(len(generated), dtype=torch.bool)])
+    first = int(visual[:b].sum())  # this sample's DeepStack rows start here (row-major order)
+    ds_rank = torch.full(vis.shape, -1, dtype=torch.long)
+    ds_rank[vis] = torch.arange(first, first + int(vis.sum()))
+    origin = torch.arange(h.shape[1]) + offset
+    points = [p[0] for p in record.points]
+    for idx, layer in enumerate(lm.layers):
+        n = h.shape[1]
+        causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        h = layer(h, attention_mask=causal, position_embeddings=lm.rotary_emb(h, rot),
+                  position_ids=torch.arange(n)[None])
+        if idx < len(levels):
+            rows = vis.nonzero(as_tuple=True)[0]
+            h[0, rows] += levels[idx][ds_rank[rows]]
+        for k in [k for k, pl in enumerate(points) if pl == idx]:
+            kept = record.kept[b][k]
+            stay = ~vis | torch.isin(origin, kept)
+            h, rot, vis, ds_rank, origin = h[:, stay], rot[..., stay], vis[stay], ds_rank[stay], origin[stay]
+    return model.lm_head(lm.norm(h))[0, -1]
+
+
+@pytest.mark.parametrize(("method", "options", "retain"), [
+    ("fastv", {"layer": 1}, 0.5),  # prunes after layer 0: DeepStack levels 1 and 2 go to kept tokens only
+    ("fastv", {"layer": 3, "equivalent": "keep"}, 0.5),  # after every level
+    ("pdrop", {"layers": (1, 2)}, 0.5),
+    ("sparsevlm", {"pruning_layers": (1, 2), "recycle": False}, 0.6),
+])
+def test_in_llm_methods_equal_the_unpatched_layers_with_deepstack_by_hand(method, options, retain) -> None:
     model = build()
-    for method in ("fastv", "sparsevlm", "pdrop"):
-        with pytest.raises(InputError, match="DeepStack"):
-            tokensieve.compress(model, method, retain=0.5)
-    with pytest.raises(InputError, match="DeepStack"):
-        tokensieve.compress(model, "dycoke", retain=0.5, dp=True)
-    assert not tokensieve.is_compressed(model)
+    kw = make_batch(SAMPLES)
+    L = kw["input_ids"].shape[1]
+    with tokensieve.compress(model, method, retain=retain, **options):
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
+        record = tokensieve.stats(model).inllm
+        for b in range(len(SAMPLES)):
+            one = sample_of(kw, SAMPLES, b)
+            with torch.no_grad():
+                single = model.generate(**one, max_new_tokens=3)
+            assert torch.equal(single[0, one["input_ids"].shape[1]:], out.sequences[b, L:]), b
+    assert record.points and any(len(k[0]) < int(v[0]) for k, v in zip(record.kept, record.v_in))
+    new = out.sequences[:, L:]
+    for b in range(len(SAMPLES)):
+        for t in range(3):
+            want = reference_inllm_logits(model, kw, b, record, generated=new[b, :t].tolist())
+            torch.testing.assert_close(out.logits[t][b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_dropping_deepstack_in_the_layer_loop_would_show() -> None:
+    """The reference is sensitive to DeepStack: without the levels it gives other logits."""
+    model = build()
+    kw = make_batch(SAMPLES)
+    with tokensieve.compress(model, "fastv", retain=0.5, layer=1):
+        with torch.no_grad():
+            logits = model(**kw).logits[:, -1]
+        record = tokensieve.stats(model).inllm
+    saved = [m.linear_fc2.weight.clone() for m in model.model.visual.deepstack_merger_list]
+    with torch.no_grad():
+        for m in model.model.visual.deepstack_merger_list:
+            m.linear_fc2.weight.zero_()
+            m.linear_fc2.bias.zero_() if m.linear_fc2.bias is not None else None
+    try:
+        without = reference_inllm_logits(model, kw, 0, record)
+    finally:
+        with torch.no_grad():
+            for m, w in zip(model.model.visual.deepstack_merger_list, saved):
+                m.linear_fc2.weight.copy_(w)
+    assert not torch.allclose(logits[0], without, atol=1e-3)
+
+
+@pytest.mark.parametrize(("method", "options"), [("vidcom2", {}), ("fastv", {"layer": 1}), ("dycoke", {"dp": True})])
+def test_beams_and_the_decode_stage_run_batched_as_one_at_a_time(method: str, options: dict) -> None:
+    """Beam search repeats each sample's rows: its DeepStack rows are repeated with them."""
+    model = build()
+    kw = make_batch(SAMPLES)
+    L = kw["input_ids"].shape[1]
+    beams = 1 if options.get("dp") else 2
+    with tokensieve.compress(model, method, retain=0.5, **options):
+        with torch.no_grad():
+            both = model.generate(**kw, max_new_tokens=3, num_beams=beams)
+            for b in range(len(SAMPLES)):
+                one = sample_of(kw, SAMPLES, b)
+                single = model.generate(**one, max_new_tokens=3, num_beams=beams)
+                assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b

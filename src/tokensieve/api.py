@@ -66,7 +66,8 @@ def compress(
 
     Args:
         model: a loaded ``LlavaOnevisionForConditionalGeneration``,
-            ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration`` or ``Qwen3VLMoeForConditionalGeneration``.
         method: a registered method name (``tokensieve.methods.names()``).
         retain: fraction of each image's / video's content tokens kept, in (0, 1]; the
             kept count is exactly ``round(retain · N)`` per segment (at least one per frame).

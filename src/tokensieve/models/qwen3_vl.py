@@ -17,9 +17,9 @@ per temporal patch, raster order, frame-major — with two differences that matt
 
 Positions are interleaved M-RoPE ids from the model's own ``get_rope_index`` on the full
 sequence (each frame a grid of its own; time lives in the timestamp text), gathered by the
-runtime. In-LLM methods are not supported on this family yet: their layer loop would have to
-add the DeepStack levels between layers and prune them at every prune point before the last
-level.
+runtime. In-LLM methods run too: their layer loop adds each DeepStack level after its layer to
+the visual rows still present (a token pruned before a level's layer does not receive it; a
+recycled SparseVLM token takes its cluster centre's row).
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ from .qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3-vl"
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    inllm_unsupported = (
-        "in-LLM methods are not supported on Qwen3-VL yet (DeepStack adds visual features inside the "
-        "first decoder layers); use a pre-LLM method (vidcom2, lftr, visionzip, dycoke, random, uniform)"
-    )
     visual_mask_key = "visual_pos_masks"
 
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:

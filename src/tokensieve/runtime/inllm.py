@@ -215,6 +215,10 @@ class LMForward:
 
         calls: compat.LMCalls = state.lm_calls
         kv_cache = compat.pop_cache(kwargs)  # the caller's KV cache, under either spelling
+        # per-visual-token streams added between the first layers (Qwen3-VL's DeepStack)
+        key = state.adapter.visual_mask_key
+        streams = {name: kwargs.pop(name) for name in _STREAM_ARGS if name in kwargs}
+        stream_mask = kwargs.pop(key) if key is not None and key in kwargs else None
         past = kv_cache.get_seq_length() if kv_cache is not None else 0
         pending: Pending | None = state.pending
         state.pending = None  # consumed (or stale) whatever happens below
@@ -222,6 +226,8 @@ class LMForward:
         decoding = session is not None and past > 0 and kv_cache is session.cache()
         if pending is None and not decoding:
             state.session = None
+            if stream_mask is not None:
+                kwargs = {**kwargs, key: stream_mask, **streams}
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds, use_cache=use_cache, **calls.cache_kw(kv_cache),
                             **kwargs)
@@ -246,10 +252,43 @@ class LMForward:
                 raise InputError("in-LLM pruning needs the prompt in one prefill (the cache must start empty)")
             if len(pending.layouts) and B % len(pending.layouts):
                 raise RuntimeError("the prepared samples do not match the language model's batch")
+            deepstack = None
+            if stream_mask is not None and streams.get("deepstack_visual_embeds") is not None:
+                deepstack = _Deepstack(stream_mask.bool(), streams["deepstack_visual_embeds"])
             h = _prefill(model, lm, state, pending, inputs_embeds, attention_mask.long(), position_ids,
-                         kv_cache, use_cache, kwargs)
+                         kv_cache, use_cache, kwargs, deepstack)
         h = lm.norm(h)
         return compat.model_output(h, kv_cache if use_cache else None)
+
+
+#: language-model arguments that carry per-visual-token streams (see ``Adapter.visual_mask_key``)
+_STREAM_ARGS = ("deepstack_visual_embeds",)
+
+
+class _Deepstack:
+    """DeepStack levels (arXiv 2406.04334; Qwen3-VL): ``levels[j]`` ``[N, D]`` is added to the
+    visual rows of the language-model input (``visual`` ``[B, L]``, rows in row-major order)
+    after decoder layer ``j``. Rows are found through each row's LM-input index, so tokens
+    pruned before a level's layer simply do not receive it, and kept ones receive their own."""
+
+    def __init__(self, visual: torch.Tensor, levels: list[torch.Tensor]) -> None:
+        self.visual = visual
+        self.levels = levels
+        self.rank = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        self.rank[visual] = torch.arange(int(visual.sum()), device=visual.device)
+
+    def add(self, idx: int, h: torch.Tensor, mask: torch.Tensor, origin: list[torch.Tensor]) -> torch.Tensor:
+        if idx >= len(self.levels):
+            return h
+        level = self.levels[idx]
+        out = h.clone()
+        for b in range(h.shape[0]):
+            o = origin[b].to(self.visual.device)
+            safe = o.clamp(min=0)
+            rows = ((o >= 0) & mask[b].bool().to(o.device) & self.visual[b, safe]).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                out[b, rows] = out[b, rows] + level[self.rank[b, safe[rows]]].to(out.device, out.dtype)
+        return out
 
 
 def _expand(pending: Pending, B: int) -> Pending:
@@ -264,7 +303,8 @@ def _expand(pending: Pending, B: int) -> Pending:
 
 
 def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor, mask: torch.Tensor,
-             position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any]) -> torch.Tensor:
+             position_ids: torch.Tensor, cache: Any, use_cache: bool, kwargs: dict[str, Any],
+             deepstack: _Deepstack | None = None) -> torch.Tensor:
     method = state.inllm
     calls: compat.LMCalls = state.lm_calls
     num_layers = len(lm.layers)
@@ -325,6 +365,8 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
             attn = [cap.result[b] if self_points[b] is not None else None for b in range(B)]
         else:
             h_out = run_layer()
+        if deepstack is not None:  # part of this layer's output, before any scoring or pruning
+            h_out = deepstack.add(idx, h_out, mask, origin)
         if any(p is not None and p.source == "next" for p in points) and idx + 1 < num_layers:
             start = time.perf_counter()
             nxt = lm.layers[idx + 1]

@@ -241,9 +241,9 @@ class _LMExtras:
     ``inputs_embeds``. Later calls (decoding) pass through unchanged."""
 
     def __init__(self, state: "TrimState", original: Any) -> None:
+        functools.update_wrapper(self, original, updated=())  # not the wrapped object's own attributes
         self.state = state
         self.original = original
-        functools.update_wrapper(self, original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         extras = self.state.lm_extras
@@ -253,9 +253,14 @@ class _LMExtras:
                 and embeds.shape[1] == extras[key].shape[1]:
             self.state.lm_extras = None  # the prefill only
             device = embeds.device
-            kwargs = {**kwargs, key: extras[key].to(device)}
+            mask = extras[key]
+            reps = embeds.shape[0] // max(1, mask.shape[0])
+            counts = mask.sum(-1).tolist()
+            kwargs = {**kwargs, key: mask.repeat_interleave(reps, dim=0).to(device) if reps > 1 else mask.to(device)}
             for name, value in extras.items():
                 if name != key:
+                    if reps > 1:  # generate repeats each sample (beams, several sequences): so do its rows
+                        value = [torch.cat([c for c in v.split(counts) for _ in range(reps)]) for v in value]
                     kwargs[name] = [v.to(device, embeds.dtype) for v in value]
         return self.original(*args, **kwargs)
 
@@ -543,14 +548,15 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
     setattr(model, STATE_ATTR, state)
     model.forward = _Forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _Generate(model, state, originals["generate"])  # type: ignore[method-assign]
-    if state.uses_lm_loop:
+    if state.uses_lm_loop or state.adapter.visual_mask_key is not None:
         lm = state.adapter.language_model(model)
         state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
-        lm.forward = LMForward(model, lm, state, lm.forward)  # type: ignore[method-assign]
-    elif state.adapter.visual_mask_key is not None:
-        lm = state.adapter.language_model(model)
-        state.saved["lm_forward"] = lm.__dict__.get("forward", _MISSING)
-        lm.forward = _LMExtras(state, lm.forward)  # type: ignore[method-assign]
+        forward = lm.forward
+        if state.uses_lm_loop:
+            forward = LMForward(model, lm, state, forward)
+        if state.adapter.visual_mask_key is not None:
+            forward = _LMExtras(state, forward)
+        lm.forward = forward  # type: ignore[method-assign]
 
 
 def uninstall(model: torch.nn.Module) -> None:
