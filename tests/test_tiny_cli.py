@@ -19,8 +19,12 @@ import torch
 from PIL import Image
 
 from tokensieve.cli import main
-from tokensieve.tiny import ARCHS, FRAME_SIZE, build_tokenizer, tiny_config
+from tokensieve.tiny import ARCHS as ALL_ARCHS
+from tokensieve.tiny import FRAME_SIZE, NEEDS_TORCHVISION, build_tokenizer, tiny_config
 from tokensieve.processing import has_torchvision, load_processor
+
+#: the tiny architectures this environment can build (Qwen3-VL's processor needs torchvision)
+ARCHS = tuple(a for a in ALL_ARCHS if has_torchvision() or a not in NEEDS_TORCHVISION)
 
 QUESTION = "what is shown"
 Capsys = pytest.CaptureFixture[str]
@@ -94,9 +98,9 @@ def test_tokenizer_covers_text_and_specials(arch: str) -> None:
 
 
 def test_qwen_mrope_sections_fit_head_dim() -> None:
-    for arch in ("qwen2-vl", "qwen2.5-vl"):
+    for arch in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
         text = tiny_config(arch).get_text_config()
-        head_dim = text.hidden_size // text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
 
 
@@ -121,7 +125,7 @@ def test_tiny_reloads_offline_and_generates(arch: str, tiny_models: Models) -> N
         # 8x8 patches pooled to 4x4 per frame, plus one newline token for the video.
         assert placeholders == 4 * 16 + 1
     else:
-        # 4 frames of 56x56: 2 temporal patches x 4x4 patches, merged 2x2.
+        # 4 frames of 56x56 (Qwen3-VL: 64x64, 16-px patches): 2 temporal patches x 4x4 patches, merged 2x2.
         assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]
         assert placeholders == 2 * 4 * 4 // 4
     with torch.inference_mode():
@@ -389,3 +393,10 @@ def test_run_timings_share_one_clock_and_counts_agree(tiny_models: Models, video
     assert plain["tokens_before"] == plain["tokens_after"] == full["tokens_before"] == full["tokens_after"]
     for data in (plain, full):
         assert 0 < data["prefill_ms"] <= data["total_ms"]
+
+
+@pytest.mark.skipif(has_torchvision(), reason="checks the message shown without torchvision")
+def test_make_tiny_qwen3_vl_without_torchvision_is_a_clear_error(tmp_path: Path, capsys: Capsys) -> None:
+    assert main(["make-tiny", str(tmp_path / "q3"), "--arch", "qwen3-vl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs torchvision" in err

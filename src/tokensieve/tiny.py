@@ -32,10 +32,12 @@ __all__ = [
     "tiny_config",
 ]
 
-ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
+ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+#: architectures whose processor needs torchvision (transformers has no other Qwen3-VL video processor)
+NEEDS_TORCHVISION: tuple[str, ...] = ("qwen3-vl",)
 
 #: Side of the square frames the tiny models are sized for.
-FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56}
+FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56, "qwen3-vl": 64}
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -230,6 +232,23 @@ def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
         "vision_end_token_id": end_id,
         "tie_word_embeddings": False,
     }
+    if arch == "qwen3-vl":
+        from transformers import Qwen3VLConfig
+
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": _TEXT["hidden_size"],
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0, 1],
+        }
+        rope3 = dict(rope, mrope_section=[4, 2, 2], mrope_interleaved=True)
+        return Qwen3VLConfig(text_config=dict(text, head_dim=16, rope_parameters=rope3), vision_config=vision, **ids)
     if arch == "qwen2-vl":
         from transformers import Qwen2VLConfig
 
@@ -327,6 +346,8 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
+    if arch == "qwen3-vl":
+        return _qwen3_processor(tokenizer, template)
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     cls = Qwen2VLProcessor if arch == "qwen2-vl" else Qwen2_5_VLProcessor
@@ -335,6 +356,28 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
         tokenizer=tokenizer,
         image_processor=_image_processor(arch),
         video_processor_config=video_processor_config(arch),
+        chat_template=template,
+    )
+
+
+def _qwen3_processor(tokenizer: Any, template: str) -> Any:
+    """Qwen3-VL's own processor (its video processor writes per-frame timestamps; it needs torchvision)."""
+    from tokensieve.processing import has_torchvision
+
+    if not has_torchvision():
+        raise InputError("the tiny qwen3-vl model needs torchvision for Qwen3-VL's video processor "
+                         "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    image_size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    video_size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128 * 32}  # the video's total pixel budget
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=image_size, patch_size=16, temporal_patch_size=2, merge_size=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        video_processor=Qwen3VLVideoProcessor(size=video_size, patch_size=16, temporal_patch_size=2, merge_size=2,
+                                              do_sample_frames=False, cap_pixels_per_frame=True,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer,
         chat_template=template,
     )
 
