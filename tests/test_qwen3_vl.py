@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -44,6 +46,27 @@ def build(seed: int = 0, attn: str = "sdpa", moe: bool = False) -> Qwen3VLForCon
     with torch.no_grad():  # DeepStack mergers large enough that dropping them shows
         for merger in model.model.visual.deepstack_merger_list:
             merger.linear_fc2.weight.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.do_sample = False
+    return model
+
+
+def build35(seed: int = 0, attn: str = "sdpa") -> Qwen3_5ForConditionalGeneration:
+    """Tiny Qwen3.5: three Gated-DeltaNet layers, then a full-attention one; no DeepStack."""
+    torch.manual_seed(seed)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, pad_token_id=PAD, eos_token_id=1, bos_token_id=BOS,
+                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1],
+                                 "partial_rotary_factor": 0.25})
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=16)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+                        vision_start_token_id=V_START, vision_end_token_id=V_END)
+    cfg._attn_implementation = attn
+    model = Qwen3_5ForConditionalGeneration(cfg).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     model.generation_config.do_sample = False
@@ -106,6 +129,8 @@ def full_inputs(model, kw: dict):
                 continue
             out = inner.get_image_features(kw[px], kw[grid], return_dict=True)
             embeds[ids == tok] = torch.cat(out.pooler_output)
+            if getattr(out, "deepstack_features", None) is None:  # Qwen3.5
+                continue
             if levels is None:
                 levels = [embeds.new_zeros(int(visual.sum()), embeds.shape[-1]) for _ in out.deepstack_features]
             for j, level in enumerate(out.deepstack_features):
@@ -117,10 +142,13 @@ def full_inputs(model, kw: dict):
 
 
 def reference_logits(model, kw: dict, b: int, keep: torch.Tensor, deepstack: bool = True,
-                     generated: list[int] = ()) -> torch.Tensor:
+                     generated: list[int] = (), replaced: list = ()) -> torch.Tensor:
     """Sample ``b`` alone: the unpatched language model on its kept tokens (original ids), then
-    ``generated`` tokens at the ids the unpruned model decodes at (max id + 1, + 2, ...)."""
+    ``generated`` tokens at the ids the unpruned model decodes at (max id + 1, + 2, ...).
+    ``replaced``: ``(positions, features)`` a merging method wrote over kept tokens."""
     embeds, levels, visual, pos = full_inputs(model, kw)
+    for where, feats in replaced:
+        embeds[b, where] = feats
     rank = torch.full(visual.shape, -1, dtype=torch.long)
     rank[visual] = torch.arange(int(visual.sum()))
     valid = kw["attention_mask"][b].bool()
@@ -131,11 +159,13 @@ def reference_logits(model, kw: dict, b: int, keep: torch.Tensor, deepstack: boo
     ids4 = torch.cat([torch.arange(n)[None, None], rows], dim=0)
     x = torch.cat([embeds[b, keep], model.model.get_input_embeddings()(torch.tensor(list(generated), dtype=torch.long))])
     vmask = torch.cat([visual[b, keep], torch.zeros(len(generated), dtype=torch.bool)])[None]
-    ds = [lvl[rank[b, keep][visual[b, keep]]] for lvl in levels] if deepstack else None
+    extra = {}
+    if levels is not None:  # Qwen3-VL (Qwen3.5 has no DeepStack)
+        ds = [lvl[rank[b, keep][visual[b, keep]]] for lvl in levels] if deepstack else None
+        extra = {"visual_pos_masks": vmask if deepstack else None, "deepstack_visual_embeds": ds}
     with torch.no_grad():
         out = model.model.language_model(inputs_embeds=x[None], position_ids=ids4,
-                                         attention_mask=torch.ones(1, n, dtype=torch.long),
-                                         visual_pos_masks=vmask if deepstack else None, deepstack_visual_embeds=ds)
+                                         attention_mask=torch.ones(1, n, dtype=torch.long), **extra)
         return model.lm_head(out.last_hidden_state)[0]
 
 
@@ -146,7 +176,8 @@ SAMPLES = [
 
 
 @pytest.mark.parametrize(("method", "moe", "attn"), [("vidcom2", False, "sdpa"), ("random", False, "eager"),
-                                                     ("dycoke", False, "sdpa"), ("vidcom2", True, "sdpa")])
+                                                     ("dycoke", False, "sdpa"), ("vidcom2", True, "sdpa"),
+                                                     ("lftr", False, "sdpa")])
 def test_compressed_prefill_equals_the_unpatched_language_model_on_the_kept_tokens(method: str, moe: bool,
                                                                                   attn: str) -> None:
     model = build(moe=moe, attn=attn)
@@ -160,11 +191,12 @@ def test_compressed_prefill_equals_the_unpatched_language_model_on_the_kept_toke
         keep = st.keep[b]
         n = keep.numel()
         assert n < int(kw["attention_mask"][b].sum())
-        ref = reference_logits(model, kw, b, keep)
+        ref = reference_logits(model, kw, b, keep, replaced=st.replaced[b])
         got = logits[b, logits.shape[1] - n:]  # left padded
         assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
         # DeepStack is really applied: without it the logits are not these
-        assert not torch.allclose(got, reference_logits(model, kw, b, keep, deepstack=False), atol=1e-3)
+        assert not torch.allclose(got, reference_logits(model, kw, b, keep, deepstack=False, replaced=st.replaced[b]),
+                                  atol=1e-3)
 
 
 def test_timestamps_and_frame_wrappers_stay_and_counts_are_exact() -> None:
@@ -323,3 +355,49 @@ def test_beams_and_the_decode_stage_run_batched_as_one_at_a_time(method: str, op
                 one = sample_of(kw, SAMPLES, b)
                 single = model.generate(**one, max_new_tokens=3, num_beams=beams)
                 assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b
+
+
+
+# -- Qwen3.5: the same layout, a hybrid linear/full-attention decoder ------------------------------
+
+
+@pytest.mark.parametrize("method", ["vidcom2", "uniform", "lftr"])
+def test_qwen3_5_prefill_equals_the_unpatched_hybrid_decoder_on_the_kept_tokens(method: str) -> None:
+    """The Gated-DeltaNet layers' recurrence runs over the kept tokens only, left padding included."""
+    model = build35()
+    kw = make_batch(SAMPLES)
+    with tokensieve.compress(model, method, retain=0.5):
+        with torch.no_grad():
+            logits = model(**kw).logits
+        st = tokensieve.stats(model)
+    for b in range(len(SAMPLES)):
+        keep = st.keep[b]
+        ref = reference_logits(model, kw, b, keep, replaced=st.replaced[b])
+        got = logits[b, logits.shape[1] - keep.numel():]
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_qwen3_5_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_hand() -> None:
+    model = build35()
+    kw = make_batch(SAMPLES)
+    L = kw["input_ids"].shape[1]
+    with tokensieve.compress(model, "vidcom2", retain=0.5):
+        with torch.no_grad():
+            both = model.generate(**kw, max_new_tokens=4)
+            keeps = [k.clone() for k in tokensieve.stats(model).keep]
+            for b in range(len(SAMPLES)):
+                one = sample_of(kw, SAMPLES, b)
+                single = model.generate(**one, max_new_tokens=4)
+                assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b
+    for b in range(len(SAMPLES)):
+        generated: list[int] = []
+        for _ in range(4):
+            generated.append(int(reference_logits(model, kw, b, keeps[b], generated=generated)[-1].argmax()))
+        assert both[b, L:].tolist() == generated, b
+
+
+def test_qwen3_5_in_llm_methods_are_refused_with_the_reason() -> None:
+    model = build35()
+    with pytest.raises(InputError, match="linear-attention"):
+        tokensieve.compress(model, "fastv", retain=0.5)
+    assert not tokensieve.is_compressed(model)

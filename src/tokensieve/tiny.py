@@ -32,12 +32,12 @@ __all__ = [
     "tiny_config",
 ]
 
-ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
 #: architectures whose processor needs torchvision (transformers has no other Qwen3-VL video processor)
-NEEDS_TORCHVISION: tuple[str, ...] = ("qwen3-vl",)
+NEEDS_TORCHVISION: tuple[str, ...] = ("qwen3-vl", "qwen3.5")
 
 #: Side of the square frames the tiny models are sized for.
-FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56, "qwen3-vl": 64}
+FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56, "qwen3-vl": 64, "qwen3.5": 64}
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -232,6 +232,19 @@ def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
         "vision_end_token_id": end_id,
         "tie_word_embeddings": False,
     }
+    if arch == "qwen3.5":
+        from transformers import Qwen3_5Config
+
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "out_hidden_size": _TEXT["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "num_position_embeddings": 16}
+        # 4 layers: three Gated-DeltaNet linear-attention layers, then a full-attention one
+        hybrid = dict(text, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                      linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                      linear_num_key_heads=2, linear_num_value_heads=4,
+                      rope_parameters=dict(rope, mrope_section=[2, 1, 1], mrope_interleaved=True,
+                                           partial_rotary_factor=0.25))
+        return Qwen3_5Config(text_config=hybrid, vision_config=vision, **ids)
     if arch == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
@@ -346,8 +359,8 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
-    if arch == "qwen3-vl":
-        return _qwen3_processor(tokenizer, template)
+    if arch in ("qwen3-vl", "qwen3.5"):
+        return _qwen3_processor(tokenizer, template, arch)
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     cls = Qwen2VLProcessor if arch == "qwen2-vl" else Qwen2_5_VLProcessor
@@ -360,12 +373,13 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
     )
 
 
-def _qwen3_processor(tokenizer: Any, template: str) -> Any:
-    """Qwen3-VL's own processor (its video processor writes per-frame timestamps; it needs torchvision)."""
+def _qwen3_processor(tokenizer: Any, template: str, arch: str) -> Any:
+    """Qwen3-VL's own processor, also Qwen3.5's (its video processor writes per-frame timestamps;
+    it needs torchvision)."""
     from tokensieve.processing import has_torchvision
 
     if not has_torchvision():
-        raise InputError("the tiny qwen3-vl model needs torchvision for Qwen3-VL's video processor "
+        raise InputError(f"the tiny {arch} model needs torchvision for Qwen3-VL's video processor "
                          "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 

@@ -71,3 +71,24 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             prepared.rest["visual_streams"] = {"deepstack_visual_embeds": levels}
             prepared.rest["visual_rank"] = rank
         return prepared
+
+
+class Qwen3_5Adapter(Qwen3VLAdapter):
+    """``Qwen3_5ForConditionalGeneration`` (and its MoE variant): Qwen3-VL's layout, processor and
+    ``get_rope_index``, no DeepStack, and a hybrid decoder — Gated-DeltaNet linear-attention
+    layers with a full-attention layer every fourth (``config.text_config.layer_types``).
+
+    Pre-LLM methods remove tokens before the language model, so the linear layers' recurrent
+    state sees only the kept tokens, in order, as it would a shorter prompt. In-LLM methods
+    rank tokens by attention rows, which only the full-attention layers have; they are not
+    supported on this family yet.
+    """
+
+    family = "qwen3.5"
+    classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+    visual_mask_key = None
+    inllm_unsupported = (
+        "in-LLM methods are not supported on Qwen3.5 yet (most of its decoder layers are linear-attention "
+        "layers without attention rows to rank by); use a pre-LLM method (vidcom2, lftr, visionzip, dycoke, "
+        "random, uniform)"
+    )
