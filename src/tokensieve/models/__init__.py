@@ -7,10 +7,12 @@ import torch
 from ..errors import InputError
 from .base import Adapter, Prepared, Segment
 from .llava_onevision import LlavaOnevisionAdapter
+from .internvl import InternVLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3_5Adapter, Qwen3VLAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (LlavaOnevisionAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Qwen3_5Adapter())
+ADAPTERS: tuple[Adapter, ...] = (LlavaOnevisionAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Qwen3_5Adapter(),
+                                 InternVLAdapter())
 
 
 def supported_classes() -> list[str]:
