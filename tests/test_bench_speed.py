@@ -62,3 +62,17 @@ def test_failed_configurations_make_the_benchmark_exit_non_zero(capsys):
                  "--repeats", "1", "--new-tokens", "2", "--threads", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "1 of 2 configurations failed" in err and "retain=0.1 leaves no visual token" in err
+
+
+@pytest.mark.parametrize("arch", ["tiny-qwen3-vl", "tiny-internvl"])
+def test_new_family_shapes_run_every_stage(arch, tmp_path, capsys):
+    """Qwen3-VL (timestamped frames, DeepStack) and InternVL (frames as context-token runs) shapes:
+    a pre-LLM and an in-LLM method compress, and the visual tokens counted are the video's."""
+    code = main(["bench", "speed", "--arch", arch, "--frames", "4", "--methods", "vidcom2,fastv",
+                 "--retain", "0.9", "--repeats", "1", "--new-tokens", "2", "--threads", "1",
+                 "--out", str(tmp_path), "--json"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    total = rows["none"]["visual_tokens"]["median"]
+    assert total > 0 and rows["vidcom2"]["visual_kept"]["median"] == round(0.9 * total)

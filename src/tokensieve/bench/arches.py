@@ -19,7 +19,8 @@ IMAGE_TOKEN, VIDEO_TOKEN, V_START, V_END = 900, 901, 902, 903
 
 @dataclass(frozen=True)
 class Arch:
-    """A model shape. ``family`` is ``"llava-onevision"``, ``"qwen2-vl"``, ``"qwen2.5-vl"`` or ``"qwen3-vl"``."""
+    """A model shape. ``family`` is ``"llava-onevision"``, ``"qwen2-vl"``, ``"qwen2.5-vl"``, ``"qwen3-vl"``
+    or ``"internvl"``."""
 
     name: str
     family: str
@@ -87,6 +88,16 @@ ARCHES: dict[str, Arch] = {
              dict(hidden_size=1280, depth=32, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31]), 448, "Qwen/Qwen2.5-VL-7B-Instruct"),
+        Arch("tiny-internvl", "internvl",
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=4), 32, "test shape"),
+        Arch("internvl3.5-2b", "internvl",
+             dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, model_type="qwen3"),
+             dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=448, patch_size=14), 448, "OpenGVLab/InternVL3_5-2B-HF"),
         Arch("qwen3-vl-2b", "qwen3-vl",
              dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151936),
@@ -133,6 +144,18 @@ def build_model(arch: Arch, *, dtype: torch.dtype = torch.float32, attn: str = "
             vision_feature_layer=-1, vision_feature_select_strategy="full",
         )
         cls = LlavaOnevisionForConditionalGeneration
+    elif arch.family == "internvl":
+        from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        size = vision.pop("image_size")
+        patch = vision.pop("patch_size")
+        text.setdefault("model_type", "qwen2")
+        cfg = InternVLConfig(text_config=text, vision_config=dict(vision, image_size=[size, size],
+                                                                  patch_size=[patch, patch]),
+                             image_token_id=VIDEO_TOKEN, image_seq_length=(size // patch // 2) ** 2)
+        cls = InternVLForConditionalGeneration
     elif arch.family == "qwen3-vl":
         text["rope_parameters"] = dict(_QWEN3VL_ROPE)
         if arch.name == "tiny-qwen3-vl":
@@ -177,7 +200,15 @@ def make_inputs(model: torch.nn.Module, arch: Arch, frames: int, *, seed: int = 
     question = torch.randint(10, 800, (20,), generator=g).tolist()
     suffix = torch.randint(10, 800, (5,), generator=g).tolist()
     kw: dict[str, Any] = {}
-    if arch.family == "llava-onevision":
+    if arch.family == "internvl":  # one tile per frame: "FrameK: <img> context × S </img>"
+        size = arch.vision["image_size"]
+        per = (size // arch.vision["patch_size"] // 2) ** 2
+        kw["pixel_values"] = torch.randn(frames, 3, size, size, generator=g).to(dtype)
+        ids = list(prefix)
+        for k in range(frames):
+            ids += [11, 12 + k % 10, 13, V_START] + [VIDEO_TOKEN] * per + [V_END]
+        ids += question + suffix
+    elif arch.family == "llava-onevision":
         size = arch.vision["image_size"]
         kw["pixel_values_videos"] = torch.randn(1, frames, 3, size, size, generator=g).to(dtype)
         side = size // arch.vision["patch_size"]
@@ -204,6 +235,6 @@ def make_inputs(model: torch.nn.Module, arch: Arch, frames: int, *, seed: int = 
     input_ids = torch.tensor([ids])
     kw["input_ids"] = input_ids
     kw["attention_mask"] = torch.ones_like(input_ids)
-    if arch.family != "llava-onevision":
+    if arch.family not in ("llava-onevision", "internvl"):
         kw["mm_token_type_ids"] = (input_ids == VIDEO_TOKEN).to(torch.int32) * 2
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}

@@ -75,6 +75,13 @@ def _arch(text: str) -> str:
     return text
 
 
+def _visual_token(model: Any) -> int:
+    """The placeholder id of a video's tokens (InternVL writes frames with its image context token)."""
+    cfg = model.config
+    value = getattr(cfg, "video_token_id", None)
+    return int(value if value is not None else cfg.image_token_id)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--arch", type=_arch, default=None, help=f"built-in shape: {', '.join(ARCHES)}")
@@ -183,9 +190,11 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                   "Qwen2VLForConditionalGeneration": "qwen2-vl",
                   "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl",
                   "Qwen3VLForConditionalGeneration": "qwen3-vl",
-                  "Qwen3VLMoeForConditionalGeneration": "qwen3-vl"}.get(type(model).__name__)
+                  "Qwen3VLMoeForConditionalGeneration": "qwen3-vl",
+                  "InternVLForConditionalGeneration": "internvl"}.get(type(model).__name__)
         if family is None:
-            raise InputError(f"bench speed supports LLaVA-OneVision, Qwen2/2.5-VL and Qwen3-VL, got {type(model).__name__}")
+            raise InputError("bench speed supports LLaVA-OneVision, Qwen2/2.5-VL, Qwen3-VL and InternVL, "
+                             f"got {type(model).__name__}")
         vc = model.config.vision_config
         arch = Arch("checkpoint", family, {}, {"image_size": getattr(vc, "image_size", 384),
                                                "patch_size": vc.patch_size}, 448)
@@ -203,7 +212,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         from .arches import V_END, V_START, VIDEO_TOKEN
 
         # the synthetic prompt uses the built-in shapes' placeholder ids: map them to the checkpoint's
-        ids[ids == VIDEO_TOKEN] = model.config.video_token_id
+        ids[ids == VIDEO_TOKEN] = _visual_token(model)
         ids[ids == V_START] = getattr(model.config, "vision_start_token_id", V_START)
         ids[ids == V_END] = getattr(model.config, "vision_end_token_id", V_END)
     lm, vision = _lm_and_vision(model)
@@ -249,7 +258,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     for h in handles:
         h.remove()
     shape = lm_shape(model)
-    n_visual = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    n_visual = int((inputs["input_ids"] == _visual_token(model)).sum())
     seq = int(inputs["input_ids"].shape[1])
     result: dict[str, Any] = {
         "vision_ms": sum(marks["vision"]),
