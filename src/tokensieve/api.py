@@ -67,7 +67,9 @@ def compress(
     Args:
         model: a loaded ``LlavaOnevisionForConditionalGeneration``,
             ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-            ``Qwen3VLForConditionalGeneration`` or ``Qwen3VLMoeForConditionalGeneration``.
+            ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
+            ``Qwen3_5ForConditionalGeneration`` (pre-LLM methods), ``Qwen3_5MoeForConditionalGeneration``
+            (pre-LLM methods) or ``InternVLForConditionalGeneration``.
         method: a registered method name (``tokensieve.methods.names()``).
         retain: fraction of each image's / video's content tokens kept, in (0, 1]; the
             kept count is exactly ``round(retain · N)`` per segment (at least one per frame).
