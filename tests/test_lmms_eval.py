@@ -220,7 +220,7 @@ def test_generation_settings_and_stop_strings() -> None:
         _gen_settings({"foo": 1})
 
 
-@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"])
+@pytest.mark.parametrize("arch", ["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "internvl"])
 def test_every_family_answers_images_and_videos_batched_as_one_at_a_time(arch: str, tmp_path: Path) -> None:
     """Mixed image and video requests, three tasks' worth of settings, through ``generate_until``
     at batch 3: each answer equals a single, unpadded ``generate`` on the same compressed model,

@@ -89,11 +89,12 @@ def test_tokenizer_covers_text_and_specials(arch: str) -> None:
     ids = tokenizer("What is shown in this video? Zyxwv, 42!")["input_ids"]
     assert ids and tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == "What is shown in this video? Zyxwv, 42!"
-    placeholder = "<video>" if arch == "llava-onevision" else "<|video_pad|>"
+    placeholder = {"llava-onevision": "<video>", "internvl": "<IMG_CONTEXT>"}.get(arch, "<|video_pad|>")
     pad_ids = tokenizer(placeholder * 5)["input_ids"]
     assert pad_ids == [tokenizer.convert_tokens_to_ids(placeholder)] * 5
     config = tiny_config(arch, tokenizer)
-    assert config.video_token_id == tokenizer.convert_tokens_to_ids(placeholder)
+    visual_id = config.image_token_id if arch == "internvl" else config.video_token_id  # InternVL: frames are tiles
+    assert visual_id == tokenizer.convert_tokens_to_ids(placeholder)
     assert config.get_text_config().vocab_size == len(tokenizer)
 
 
@@ -120,8 +121,12 @@ def test_tiny_reloads_offline_and_generates(arch: str, tiny_models: Models) -> N
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt.endswith("assistant\n")
     inputs = processor(text=[prompt], videos=[frames], return_tensors="pt")
-    placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
-    if arch == "llava-onevision":
+    visual_id = model.config.image_token_id if arch == "internvl" else model.config.video_token_id
+    placeholders = int((inputs["input_ids"] == visual_id).sum())
+    if arch == "internvl":
+        # one 32x32 tile per frame: 8x8 patches, pixel shuffle 0.5 -> 4x4 tokens
+        assert placeholders == 4 * 16
+    elif arch == "llava-onevision":
         # 8x8 patches pooled to 4x4 per frame, plus one newline token for the video.
         assert placeholders == 4 * 16 + 1
     else:

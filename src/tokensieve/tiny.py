@@ -32,12 +32,13 @@ __all__ = [
     "tiny_config",
 ]
 
-ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
+ARCHS: tuple[str, ...] = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "internvl")
 #: architectures whose processor needs torchvision (transformers has no other Qwen3-VL video processor)
-NEEDS_TORCHVISION: tuple[str, ...] = ("qwen3-vl", "qwen3.5")
+NEEDS_TORCHVISION: tuple[str, ...] = ("qwen3-vl", "qwen3.5", "internvl")
 
 #: Side of the square frames the tiny models are sized for.
-FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56, "qwen3-vl": 64, "qwen3.5": 64}
+FRAME_SIZE: dict[str, int] = {"llava-onevision": 32, "qwen2-vl": 56, "qwen2.5-vl": 56, "qwen3-vl": 64, "qwen3.5": 64,
+                              "internvl": 32}
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -75,6 +76,9 @@ _QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 _LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+#: InternVL: one 32-px tile → 8×8 patches → 4×4 tokens after the pixel shuffle
+_INTERNVL_TILE = 32
 
 # Words the tokenizer learns whole; anything else is split into smaller byte-level pieces.
 _WORDS = """
@@ -111,6 +115,8 @@ def _chat_template(arch: str) -> str:
     """A ChatML chat template placing each image/video item where the processor expects it."""
     if arch == "llava-onevision":
         image, video = "<image>\n", "<video>\n"
+    elif arch == "internvl":
+        image, video = "<IMG_CONTEXT>\n", "<video>\n"
     else:
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         video = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -140,7 +146,7 @@ def build_tokenizer(arch: str) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     _check_arch(arch)
-    specials = _LLAVA_SPECIALS if arch == "llava-onevision" else _QWEN_SPECIALS
+    specials = {"llava-onevision": _LLAVA_SPECIALS, "internvl": _INTERNVL_SPECIALS}.get(arch, _QWEN_SPECIALS)
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -157,6 +163,9 @@ def build_tokenizer(arch: str) -> Any:
     extra: dict[str, Any] = {}
     if arch == "llava-onevision":
         extra = {"image_token": "<image>", "video_token": "<video>"}
+    elif arch == "internvl":
+        extra = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                 "video_token": "<video>"}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -177,11 +186,11 @@ def build_tokenizer(arch: str) -> Any:
 
 
 def _token_ids(tokenizer: Any, *tokens: str) -> list[int]:
-    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
-    missing = [t for t, i in zip(tokens, ids) if i == tokenizer.unk_token_id or i is None]
+    found = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    missing = [t for t, i in zip(tokens, found) if i is None or i == tokenizer.unk_token_id]
     if missing:
         raise InputError(f"tokenizer lacks special tokens: {missing}")
-    return ids
+    return [int(i) for i in found]
 
 
 def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
@@ -221,6 +230,15 @@ def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
             tie_word_embeddings=False,
         )
 
+    if arch == "internvl":
+        from transformers import InternVLConfig
+
+        (context_id,) = _token_ids(tokenizer, "<IMG_CONTEXT>")
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": [_INTERNVL_TILE, _INTERNVL_TILE], "patch_size": [4, 4]}
+        return InternVLConfig(text_config=dict(text, model_type="qwen2", tie_word_embeddings=False),
+                              vision_config=vision, image_token_id=context_id,
+                              image_seq_length=(_INTERNVL_TILE // 4 // 2) ** 2, tie_word_embeddings=False)
     image_id, video_id, start_id, end_id = _token_ids(
         tokenizer, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
     )
@@ -361,6 +379,8 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
         )
     if arch in ("qwen3-vl", "qwen3.5"):
         return _qwen3_processor(tokenizer, template, arch)
+    if arch == "internvl":
+        return _internvl_processor(tokenizer, template)
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     cls = Qwen2VLProcessor if arch == "qwen2-vl" else Qwen2_5_VLProcessor
@@ -392,6 +412,25 @@ def _qwen3_processor(tokenizer: Any, template: str, arch: str) -> Any:
                                               do_sample_frames=False, cap_pixels_per_frame=True,
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tokenizer,
+        chat_template=template,
+    )
+
+
+def _internvl_processor(tokenizer: Any, template: str) -> Any:
+    """InternVL's own processor: 32-px tiles (up to 4 and a thumbnail per image), one tile per frame."""
+    from tokensieve.processing import has_torchvision
+
+    if not has_torchvision():
+        raise InputError("the tiny internvl model needs torchvision for InternVL's video processor "
+                         "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    size = {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=4),
+        video_processor=InternVLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        image_seq_length=(_INTERNVL_TILE // 4 // 2) ** 2,
         chat_template=template,
     )
 
