@@ -194,6 +194,20 @@ class PDrop(InLLMMethod):''',
         "            safe = torch.arange(o.numel(), device=o.device).clamp(max=self.visual.shape[1] - 1)",
         ("tests/test_qwen3_vl.py::test_in_llm_methods_equal_the_unpatched_layers_with_deepstack_by_hand",),
     ),
+    Mutant(
+        "internvl-frames-as-images", "InternVL: one-tile runs never group into a video",
+        "models/internvl.py",
+        "            if out and one_tile:",
+        "            if False and out and one_tile:",
+        ("tests/test_internvl.py::test_tiles_frames_and_thumbnails_are_read_from_the_runs",),
+    ),
+    Mutant(
+        "internvl-tiles-reversed", "InternVL: tile features scattered in reverse order",
+        "models/internvl.py",
+        "                    embeds[b, run] = flat[used : used + run.numel()]",
+        "                    embeds[b, run] = flat.flip(0)[used : used + run.numel()]",
+        ("tests/test_internvl.py::test_pre_llm_generate_equals_the_unpatched_decoder_by_hand",),
+    ),
     # The lmms-eval plugin (run these with an environment that has lmms-eval: the README's
     # ci:test-eval command, then `python scripts/mutants.py -k lmms`).
     Mutant(
