@@ -52,10 +52,10 @@ def build(seed: int = 0, attn: str = "sdpa", moe: bool = False) -> Qwen3VLForCon
     return model
 
 
-def build35(seed: int = 0, attn: str = "sdpa") -> Qwen3_5ForConditionalGeneration:
-    """Tiny Qwen3.5: three Gated-DeltaNet layers, then a full-attention one; no DeepStack."""
+def build35(seed: int = 0, attn: str = "sdpa", layers: int = 4) -> Qwen3_5ForConditionalGeneration:
+    """Tiny Qwen3.5: three Gated-DeltaNet layers, then a full-attention one (repeated); no DeepStack."""
     torch.manual_seed(seed)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=32, pad_token_id=PAD, eos_token_id=1, bos_token_id=BOS,
                 linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                 linear_num_value_heads=4,
@@ -396,8 +396,65 @@ def test_qwen3_5_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_ha
         assert both[b, L:].tolist() == generated, b
 
 
-def test_qwen3_5_in_llm_methods_are_refused_with_the_reason() -> None:
-    model = build35()
-    with pytest.raises(InputError, match="linear-attention"):
-        tokensieve.compress(model, "fastv", retain=0.5)
+def test_qwen3_5_ranking_at_a_linear_attention_layer_is_refused_naming_the_full_ones() -> None:
+    model = build35(layers=8)
+    with pytest.raises(InputError, match="decoder layer 1, a linear-attention layer .*full-attention layers: 3, 7.*"
+                                         "nearest is layer 3"):
+        tokensieve.compress(model, "fastv", retain=0.5)  # FastV's K = 2 ranks at layer 1
+    with pytest.raises(InputError, match="dp=False"):
+        tokensieve.compress(model, "dycoke", retain=0.5, dp=True)
     assert not tokensieve.is_compressed(model)
+
+
+@torch.no_grad()
+def reference_hybrid_logits(model, kw: dict, b: int, record, generated: list[int] = ()) -> torch.Tensor:
+    """Sample ``b`` alone through the unpatched hybrid layers, no cache: full-attention layers with a
+    causal mask, Gated-DeltaNet layers over whatever rows are present; at each prune point the
+    visual tokens the method kept (``record.kept``, LM-input indices) stay, with their original ids."""
+    lm = model.model.language_model
+    kinds = lm.config.layer_types
+    embeds, _, visual, pos = full_inputs(model, kw)
+    L = kw["input_ids"].shape[1]
+    valid = kw["attention_mask"][b].bool()
+    offset = L - int(valid.sum())
+    nxt = int(pos[:, b, valid].max()) + 1
+    h = torch.cat([embeds[b, valid], lm.embed_tokens(torch.tensor(list(generated), dtype=torch.long))])[None]
+    rot = torch.cat([pos[:, b, valid], torch.arange(nxt, nxt + len(generated))[None].expand(3, -1)], 1)[:, None]
+    vis = torch.cat([visual[b, valid], torch.zeros(len(generated), dtype=torch.bool)])
+    origin = torch.arange(h.shape[1]) + offset
+    points = [p[0] for p in record.points]
+    for idx, layer in enumerate(lm.layers):
+        n = h.shape[1]
+        mask = None if kinds[idx] == "linear_attention" else torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        h = layer(h, attention_mask=mask, position_embeddings=lm.rotary_emb(h, rot), position_ids=torch.arange(n)[None])
+        for k in [k for k, pl in enumerate(points) if pl == idx]:
+            stay = ~vis | torch.isin(origin, record.kept[b][k])
+            h, rot, vis, origin = h[:, stay], rot[..., stay], vis[stay], origin[stay]
+    return model.lm_head(lm.norm(h))[0, -1]
+
+
+@pytest.mark.parametrize(("method", "options", "retain"), [
+    ("fastv", {"layer": 4}, 0.7),  # ranks at full layer 3; layers 4-6 (linear) and 7 see the kept tokens
+    ("pdrop", {"layers": (3, 7)}, 0.6),  # ranks with layers 3 and 7, prunes after 2 and 6
+    ("sparsevlm", {"pruning_layers": (3,), "recycle": False}, 0.7),
+])
+def test_qwen3_5_in_llm_methods_equal_the_unpatched_hybrid_layers_by_hand(method: str, options: dict,
+                                                                        retain: float) -> None:
+    model = build35(layers=8)
+    kw = make_batch(SAMPLES)
+    L = kw["input_ids"].shape[1]
+    with tokensieve.compress(model, method, retain=retain, **options):
+        with torch.no_grad():
+            out = model.generate(**kw, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
+        record = tokensieve.stats(model).inllm
+        for b in range(len(SAMPLES)):
+            one = sample_of(kw, SAMPLES, b)
+            with torch.no_grad():
+                single = model.generate(**one, max_new_tokens=3)
+            assert torch.equal(single[0, one["input_ids"].shape[1]:], out.sequences[b, L:]), b
+    assert any(len(k[0]) < v[0] for k, v in zip(record.kept, record.v_in))
+    new = out.sequences[:, L:]
+    for b in range(len(SAMPLES)):
+        for t in range(3):
+            want = reference_hybrid_logits(model, kw, b, record, generated=new[b, :t].tolist())
+            torch.testing.assert_close(out.logits[t][b], want, rtol=1e-4, atol=1e-4)

@@ -12,6 +12,7 @@ from .errors import InputError
 from .methods.budget import check_retain
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
+from .runtime.inllm import check_ranking_layers
 from .runtime.patch import check_transformers, lm_shape
 
 
@@ -68,8 +69,8 @@ def compress(
         model: a loaded ``LlavaOnevisionForConditionalGeneration``,
             ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
             ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``,
-            ``Qwen3_5ForConditionalGeneration`` (pre-LLM methods), ``Qwen3_5MoeForConditionalGeneration``
-            (pre-LLM methods) or ``InternVLForConditionalGeneration``.
+            ``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration`` (in-LLM methods
+            must rank at a full-attention layer) or ``InternVLForConditionalGeneration``.
         method: a registered method name (``tokensieve.methods.names()``).
         retain: fraction of each image's / video's content tokens kept, in (0, 1]; the
             kept count is exactly ``round(retain · N)`` per segment (at least one per frame).
@@ -101,6 +102,8 @@ def compress(
             part.check_depth(num_layers)
     if inllm is not None:
         inllm.plan(10_000, num_layers, value)  # a retain this schedule cannot reach fails here, not mid-call
+    if inllm is not None or dp is not None:
+        check_ranking_layers(adapter.language_model(model), inllm, dp, spec.name, value)
     chosen = positions or spec.positions_for(adapter.style)
     if (inllm is not None or dp is not None) and adapter.style == "mrope" and chosen == "compact":
         raise InputError(

@@ -79,16 +79,13 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     layers with a full-attention layer every fourth (``config.text_config.layer_types``).
 
     Pre-LLM methods remove tokens before the language model, so the linear layers' recurrent
-    state sees only the kept tokens, in order, as it would a shorter prompt. In-LLM methods
-    rank tokens by attention rows, which only the full-attention layers have; they are not
-    supported on this family yet.
+    state sees only the kept tokens, in order, as it would a shorter prompt. In-LLM methods rank
+    tokens by attention rows, which only the full-attention layers have: their ranking layers
+    must be full-attention ones (``compress`` names them otherwise); after a prune point every
+    later layer, linear ones included, runs on the kept tokens only. DyCoke's decode-time stage
+    is refused (it hides keys, which the linear layers do not have).
     """
 
     family = "qwen3.5"
     classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
     visual_mask_key = None
-    inllm_unsupported = (
-        "in-LLM methods are not supported on Qwen3.5 yet (most of its decoder layers are linear-attention "
-        "layers without attention rows to rank by); use a pre-LLM method (vidcom2, lftr, visionzip, dycoke, "
-        "random, uniform)"
-    )

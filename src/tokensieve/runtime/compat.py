@@ -149,8 +149,14 @@ def model_output(hidden: torch.Tensor, cache: Any) -> Any:
 
 
 def causal_mask(config: Any, kind: str, h: torch.Tensor, mask2d: torch.Tensor, cache: Any, layer: int) -> Any:
-    """transformers' own mask for one layer (``kind``: ``"full_attention"`` or
-    ``"sliding_attention"``) of a sequence whose 2-D key mask is ``mask2d``."""
+    """transformers' own mask for one layer (``kind``: ``"full_attention"``, ``"sliding_attention"``
+    or ``"linear_attention"``) of a sequence whose 2-D key mask is ``mask2d``. A linear-attention
+    layer (Qwen3.5's Gated DeltaNet) takes the 2-D padding mask of its own tokens, or ``None``."""
+    if kind == "linear_attention":
+        from transformers.masking_utils import create_recurrent_attention_mask
+
+        return create_recurrent_attention_mask(config=config, inputs_embeds=h, attention_mask=mask2d,
+                                               **{mask_cache_name(): cache})
     full, sliding = _mask_builders()
     fn = sliding if kind == "sliding_attention" else full
     return fn(config=config, inputs_embeds=h, attention_mask=mask2d, position_ids=None, layer_idx=layer,
@@ -241,13 +247,16 @@ def check_language_model(lm: torch.nn.Module) -> LMCalls:
     cache = mask_cache_name()
     output_cache_name()
     _check_call(lm.forward, f"{name}.forward", _LM_ARGS, cache)
+    kinds = list(getattr(lm.config, "layer_types", None) or ["full_attention"] * len(layers))
     for i, layer in enumerate(layers):
         where = f"decoder layer {i} ({type(layer).__name__})"
-        for part in _LAYER_PARTS:
+        linear = kinds[i] == "linear_attention"
+        for part in (("linear_attn", "input_layernorm") if linear else _LAYER_PARTS):
             if not hasattr(layer, part):
                 raise _refuse(where, f"has no {part!r}")
         _check_call(layer.forward, f"{where}.forward", _LAYER_ARGS, cache)
-        _check_call(layer.self_attn.forward, f"{where}.self_attn.forward", _ATTN_ARGS, cache)
+        if not linear:
+            _check_call(layer.self_attn.forward, f"{where}.self_attn.forward", _ATTN_ARGS, cache)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if not callable(getattr(ALL_ATTENTION_FUNCTIONS, "register", None)):

@@ -182,6 +182,31 @@ def _layer_types(lm: torch.nn.Module) -> list[str]:
     return list(types) if types else ["full_attention"] * len(lm.layers)
 
 
+def check_ranking_layers(lm: torch.nn.Module, method: Any, dp: Any, name: str, retain: float) -> None:
+    """On a hybrid decoder (Qwen3.5: linear-attention layers between full-attention ones) a method
+    can rank only by a full-attention layer's rows: raise :class:`InputError` naming the layer
+    and the full-attention ones otherwise. Called by ``compress`` before anything is patched."""
+    kinds = _layer_types(lm)
+    if all(k != "linear_attention" for k in kinds):
+        return
+    full = [i for i, k in enumerate(kinds) if k != "linear_attention"]
+    where = f"{type(lm).__name__} (full-attention layers: {', '.join(map(str, full))})"
+    if dp is not None:
+        raise InputError(f"{name}: the decode-time stage (dp=True) hides visual keys from layers that have no keys "
+                         f"on the linear-attention layers of {where}; use dp=False")
+    if method is None:
+        return
+    for point in method.plan(10_000, len(kinds), retain):
+        ranked = point.layer if point.source == "self" else point.layer + 1
+        if ranked < len(kinds) and kinds[ranked] == "linear_attention":
+            nearest = min(full, key=lambda f: (abs(f - ranked), f))
+            raise InputError(
+                f"{name}: ranks visual tokens by the attention of decoder layer {ranked}, a linear-attention layer "
+                f"of {where}; only full-attention layers have attention rows: choose the method's layers so that it "
+                f"ranks at one of them (the nearest is layer {nearest})"
+            )
+
+
 def _split_positions(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rotary positions, text positions passed to layers) from the model's position layout."""
     if pos.dim() == 3 and pos.shape[0] == 4:
