@@ -208,6 +208,20 @@ class PDrop(InLLMMethod):''',
         "                    embeds[b, run] = flat.flip(0)[used : used + run.numel()]",
         ("tests/test_internvl.py::test_pre_llm_generate_equals_the_unpatched_decoder_by_hand",),
     ),
+    Mutant(
+        "hybrid-ranking-unchecked", "Qwen3.5: a method may rank at a linear-attention layer",
+        "runtime/inllm.py",
+        '        if ranked < len(kinds) and kinds[ranked] == "linear_attention":',
+        "        if False:",
+        ("tests/test_qwen3_vl.py::test_qwen3_5_ranking_at_a_linear_attention_layer_is_refused_naming_the_full_ones",),
+    ),
+    Mutant(
+        "hybrid-linear-mask-ignored", "Qwen3.5: linear-attention layers get no padding mask in the layer loop",
+        "runtime/compat.py",
+        "        return create_recurrent_attention_mask(config=config, inputs_embeds=h, attention_mask=mask2d,",
+        "        return None and create_recurrent_attention_mask(config=config, inputs_embeds=h, attention_mask=mask2d,",
+        ("tests/test_qwen3_vl.py::test_qwen3_5_in_llm_methods_equal_the_unpatched_hybrid_layers_by_hand",),
+    ),
     # The lmms-eval plugin (run these with an environment that has lmms-eval: the README's
     # ci:test-eval command, then `python scripts/mutants.py -k lmms`).
     Mutant(

@@ -67,6 +67,8 @@ def build35(seed: int = 0, attn: str = "sdpa", layers: int = 4) -> Qwen3_5ForCon
                         vision_start_token_id=V_START, vision_end_token_id=V_END)
     cfg._attn_implementation = attn
     model = Qwen3_5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a real pad embedding (the padding_idx row starts at zero): left padding must be masked
+        model.model.language_model.embed_tokens.weight[PAD].normal_()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     model.generation_config.do_sample = False
