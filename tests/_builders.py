@@ -13,15 +13,28 @@ from typing import Any
 import torch
 from transformers import (
     DynamicCache,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
-ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl")
+#: every family; the first three also run the in-LLM matrix of test_inllm (the others have their
+#: in-LLM references in test_qwen3_vl.py and test_internvl.py: DeepStack, hybrid layers)
+ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "internvl")
+CLASSIC_ARCHS = ARCHS[:3]
+#: families with 3-D (M-RoPE) position ids
+MROPE_ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
+#: tokens per InternVL tile (16-px tiles, 4-px patches, pixel shuffle 0.5)
+INTERNVL_TILE = 4
 VOCAB = 128
 PAD, EOS = 0, 1
 IMAGE, VIDEO, V_START, V_END = 120, 121, 122, 123
@@ -42,7 +55,37 @@ TEXT = dict(
 def build(arch: str, attn: str = "sdpa", seed: int = 0, siglip_head: bool = False, layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
     TEXT["num_hidden_layers"] = layers
-    if arch == "llava-onevision":
+    if arch == "internvl":
+        cfg = InternVLConfig(
+            text_config=dict(model_type="qwen2", **TEXT),
+            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               image_size=[16, 16], patch_size=[4, 4]),
+            image_token_id=IMAGE, image_seq_length=INTERNVL_TILE,
+        )
+        cfg._attn_implementation = attn
+        model = InternVLForConditionalGeneration(cfg)
+    elif arch in ("qwen3-vl", "qwen3.5"):
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=TEXT["hidden_size"], num_position_embeddings=16)
+        ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
+        if arch == "qwen3-vl":
+            text = dict(TEXT, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                          "rope_theta": 10000.0})
+            cfg = Qwen3VLConfig(text_config=text, vision_config=dict(vision, deepstack_visual_indexes=[0]), **ids)
+            cls = Qwen3VLForConditionalGeneration
+        else:  # a linear-attention (Gated DeltaNet) layer, then a full-attention one
+            text = dict(TEXT, head_dim=32, layer_types=["linear_attention", "full_attention"] * (layers // 2),
+                        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                        linear_num_key_heads=2, linear_num_value_heads=4,
+                        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                         "partial_rotary_factor": 0.25})
+            cfg = Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+            cls = Qwen3_5ForConditionalGeneration
+        cfg._attn_implementation = attn
+        model = cls(cfg)
+        with torch.no_grad():  # a real pad embedding (the padding_idx row starts at zero)
+            model.model.language_model.embed_tokens.weight[PAD].normal_()
+    elif arch == "llava-onevision":
         cfg = LlavaOnevisionConfig(
             vision_config=dict(
                 model_type="siglip_vision_model",
@@ -134,6 +177,14 @@ def _qwen_items(model, items, frames: int, g: torch.Generator):
     return kw, lengths
 
 
+def _internvl_tiles(item: tuple[str, Any], frames: int) -> int:
+    """InternVL tiles of an item: an image ``(h, w)`` has 2 or 3 (tiles and thumbnail), a video one per frame."""
+    if item[0] == "video":
+        return frames
+    h, w = item[1]
+    return 3 if h < w else 2
+
+
 def make_batch(model, arch: str, samples: list[list[tuple[str, Any]]], frames: int = 4, seed: int = 1,
                padding_side: str = "left") -> dict[str, Any]:
     """Build a padded batch. ``samples[b]`` lists items ``("video", None)`` or ``("image", (h, w))``.
@@ -151,17 +202,33 @@ def make_batch(model, arch: str, samples: list[list[tuple[str, Any]]], frames: i
                     out = model.model.get_image_features(kw["pixel_values"], kw["image_sizes"],
                                                          batch_num_images=kw["batch_num_images"], return_dict=True)
                 lengths["image"] = [f.shape[0] for f in out.pooler_output]
+    elif arch == "internvl":
+        n = sum(_internvl_tiles(it, frames) for it in flat)
+        kw, lengths = {"pixel_values": torch.randn(n, 3, 16, 16, generator=g)}, {"image": [], "video": []}
     else:
         kw, lengths = _qwen_items(model, flat, frames, g)
     counters = {"image": 0, "video": 0}
     rows = []
     for b, items in enumerate(samples):
         ids = torch.randint(2, 100, (3 + b,), generator=g).tolist()
-        for modality, _ in items:
+        for item in items:
+            modality = item[0]
+            if arch == "internvl":  # <img> context × tiles </img>; frames: "Frame k:" before each
+                if modality == "image":
+                    ids += [V_START] + [IMAGE] * (INTERNVL_TILE * _internvl_tiles(item, frames)) + [V_END]
+                else:
+                    for k in range(frames):
+                        ids += [101, 102 + k, 103, V_START] + [IMAGE] * INTERNVL_TILE + [V_END]
+                ids += torch.randint(2, 100, (16,), generator=g).tolist()  # a caption keeps items apart
+                continue
             n = lengths[modality][counters[modality]]
             counters[modality] += 1
             tok = IMAGE if modality == "image" else VIDEO
-            if arch != "llava-onevision":
+            if arch in ("qwen3-vl", "qwen3.5") and modality == "video":  # per frame: timestamp, start, pads, end
+                t = int(kw["video_grid_thw"][counters[modality] - 1][0])
+                for _ in range(t):
+                    ids += torch.randint(2, 100, (2,), generator=g).tolist() + [V_START] + [tok] * (n // t) + [V_END]
+            elif arch != "llava-onevision":
                 ids += [V_START] + [tok] * n + [V_END]
             else:
                 ids += [tok] * n
@@ -176,7 +243,7 @@ def make_batch(model, arch: str, samples: list[list[tuple[str, Any]]], frames: i
         input_ids[b, sl] = torch.tensor(r)
         mask[b, sl] = 1
     kw.update(input_ids=input_ids, attention_mask=mask)
-    if arch != "llava-onevision":
+    if arch in MROPE_ARCHS:
         mm = torch.zeros_like(input_ids, dtype=torch.int32)
         mm[input_ids == IMAGE] = 1
         mm[input_ids == VIDEO] = 2
@@ -192,6 +259,9 @@ def capture_lm_inputs(model, kw: dict[str, Any]) -> dict[str, torch.Tensor]:
         seen["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
         if kwargs.get("position_ids") is not None:
             seen["position_ids"] = kwargs["position_ids"].detach().clone()
+        if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's DeepStack
+            seen["visual_pos_masks"] = kwargs["visual_pos_masks"].detach().clone()
+            seen["deepstack_visual_embeds"] = [d.detach().clone() for d in kwargs["deepstack_visual_embeds"]]
 
     h = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -245,13 +315,32 @@ def cache_kw(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def gather_deepstack(seen: dict[str, Any], keep: list[torch.Tensor], width: int) -> dict[str, Any]:
+    """The kept tokens' DeepStack rows and visual mask (left padded to ``width``), by hand:
+    ``deepstack_visual_embeds[j]`` rows follow the row-major order of the unpatched visual mask."""
+    if "visual_pos_masks" not in seen:
+        return {}
+    vis = seen["visual_pos_masks"]
+    rank = torch.full(vis.shape, -1, dtype=torch.long)
+    rank[vis] = torch.arange(int(vis.sum()))
+    mask = torch.zeros(len(keep), width, dtype=torch.bool)
+    rows = []
+    for b, k in enumerate(keep):
+        mask[b, width - k.numel():] = vis[b, k]
+        rows.append(rank[b, k][vis[b, k]])
+    index = torch.cat(rows)
+    return {"visual_pos_masks": mask, "deepstack_visual_embeds": [d[index] for d in seen["deepstack_visual_embeds"]]}
+
+
 @torch.no_grad()
-def reference_greedy(model, embeds, mask, pos, n_new: int, mrope: bool):
-    """Greedy decoding with the unpatched language model, by hand. Returns tokens and per-step logits."""
+def reference_greedy(model, embeds, mask, pos, n_new: int, mrope: bool, extras: dict[str, Any] | None = None):
+    """Greedy decoding with the unpatched language model, by hand. Returns tokens and per-step logits.
+    ``extras`` go to the prefill only (Qwen3-VL's DeepStack rows and visual mask)."""
     lm = model.model.language_model
     cache = DynamicCache(config=lm.config)
     p = lm_inputs_positions(pos, mask, mrope)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=p, use_cache=True, **cache_kw(lm, cache))
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=p, use_cache=True, **cache_kw(lm, cache),
+             **(extras or {}))
     prefill_logits = model.lm_head(out.last_hidden_state)
     logits = prefill_logits[:, -1]
     tokens, steps = [], [logits]

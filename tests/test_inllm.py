@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from _builders import ARCHS, IMAGE, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
+from _builders import CLASSIC_ARCHS as ARCHS
+from _builders import IMAGE, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
 
 import tokensieve
 from tokensieve.methods import DyCokeDP, FastV, PDrop, select_top

@@ -12,11 +12,14 @@ import torch
 from _builders import (
     ARCHS,
     IMAGE,
+    INTERNVL_TILE,
+    MROPE_ARCHS,
     VIDEO,
     build,
     capture_lm_inputs,
     full_positions_1d,
     gather_by_hand,
+    gather_deepstack,
     make_batch,
     reference_greedy,
 )
@@ -102,7 +105,7 @@ CASES = [(arch, attn, batch, method) for arch in ARCHS for attn in ("eager", "sd
 def test_pruned_matches_reference(models, arch, attn, batch, method):
     name, options = METHODS[method]
     model = models(arch, attn)
-    mrope = arch != "llava-onevision"
+    mrope = arch in MROPE_ARCHS
     kw = make_batch(model, arch, samples_for(arch, batch))
     seen = capture_lm_inputs(model, kw)
     full_embeds = seen["inputs_embeds"]
@@ -129,7 +132,8 @@ def test_pruned_matches_reference(models, arch, attn, batch, method):
         assert bool(torch.isin(text, st.keep[b]).all()), f"sample {b} lost a text token"
     emb, mask, pos = gather_by_hand(full_embeds, full_pos, kw["attention_mask"], st.keep, positions, mrope)
     emb = apply_replaced(emb, st, st.keep)
-    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
+    extras = gather_deepstack(seen, st.keep, mask.shape[1])
+    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope, extras)
     L = kw["input_ids"].shape[1]
     assert torch.equal(out.sequences[:, :L], kw["input_ids"])
     assert torch.equal(out.sequences[:, L:], ref_tokens)
@@ -144,7 +148,7 @@ def test_pruned_matches_reference(models, arch, attn, batch, method):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_position_modes_match_reference(models, arch, positions):
     model = models(arch, "sdpa")
-    mrope = arch != "llava-onevision"
+    mrope = arch in MROPE_ARCHS
     kw = make_batch(model, arch, samples_for(arch, 3))
     seen = capture_lm_inputs(model, kw)
     full_pos = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
@@ -153,7 +157,8 @@ def test_position_modes_match_reference(models, arch, positions):
         out = gen.sequences
         st = tokensieve.stats(model)
     emb, mask, pos = gather_by_hand(seen["inputs_embeds"], full_pos, kw["attention_mask"], st.keep, positions, mrope)
-    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope)
+    extras = gather_deepstack(seen, st.keep, mask.shape[1])
+    ref_tokens, ref_prefill, ref_steps = reference_greedy(model, emb, mask, pos, N_NEW, mrope, extras)
     assert torch.equal(out[:, kw["input_ids"].shape[1]:], ref_tokens)
     for got, want in zip(gen.logits, ref_steps):  # decode positions continue the prefill's exactly
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -173,7 +178,13 @@ def test_selection_is_the_methods_choice_on_the_models_features(models, arch):
         st = tokensieve.stats(model)
     ids = kw["input_ids"]
     for b in range(ids.shape[0]):
-        video_pos = (ids[b] == VIDEO).nonzero(as_tuple=True)[0]
+        if arch == "internvl":  # frames are one-tile runs of the context token, "Frame k:" before each
+            ctx = (ids[b] == IMAGE).nonzero(as_tuple=True)[0]
+            starts = [i for i in range(len(ctx)) if i == 0 or int(ctx[i]) != int(ctx[i - 1]) + 1]
+            runs = [ctx[a:z] for a, z in zip(starts, starts[1:] + [len(ctx)])]
+            video_pos = torch.cat([r for r in runs if r.numel() == INTERNVL_TILE])
+        else:
+            video_pos = (ids[b] == VIDEO).nonzero(as_tuple=True)[0]
         seg = next(s for s in st.segments[b] if s.modality == "video")
         T, H, W = seg.grid
         content = video_pos[: T * H * W]  # LLaVA's trailing newline is structural
