@@ -437,7 +437,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.method != "none":
         spec = tokensieve.methods.get(args.method)  # unknown method or option: fail before any loading
         selector = spec.create(**options)
-        needs_text = bool(getattr(selector, "needs_text", spec.needs_text))
+        needs_text = spec.signals(selector)[0]
     elif options:
         raise InputError("method options were given with --method none")
     clip = read_video(args.video, args.frames) if args.video else None

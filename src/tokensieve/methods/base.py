@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -73,6 +73,19 @@ class Selector(Protocol):
     def select(self, x: torch.Tensor, retain: float, context: SegmentContext | None = None) -> Selection: ...
 
 
+@runtime_checkable
+class ConfiguredSignals(Protocol):
+    """A selector whose configuration decides which signals it reads (LFTR's ``spatial`` stage,
+    VisionZip's ``dominant_score``): it says so with these two properties, which take precedence
+    over its :class:`MethodSpec`'s declared ``needs_text`` / ``needs_encoder_attention``."""
+
+    @property
+    def needs_text(self) -> bool: ...
+
+    @property
+    def needs_encoder_attention(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Declared properties of a method, shown by ``tokensieve methods``.
@@ -94,6 +107,12 @@ class MethodSpec:
     budget_policies: tuple[str, ...] = ()
     options: dict[str, str] = field(default_factory=dict)
     reference: str = ""
+
+    def signals(self, selector: Selector) -> tuple[bool, bool]:
+        """``(needs_text, needs_encoder_attention)`` of a configured ``selector`` of this method."""
+        if isinstance(selector, ConfiguredSignals):
+            return bool(selector.needs_text), bool(selector.needs_encoder_attention)
+        return self.needs_text, self.needs_encoder_attention
 
     def create(self, **options: Any) -> Selector:
         """Build a configured selector; unknown options raise :class:`InputError`."""

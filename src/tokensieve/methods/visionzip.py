@@ -99,6 +99,11 @@ class VisionZip:
         validate_choice("visionzip option count_rule", self.count_rule, COUNT_RULES)
 
     @property
+    def needs_text(self) -> bool:
+        """VisionZip never reads the question."""
+        return False
+
+    @property
     def needs_encoder_attention(self) -> bool:
         """Whether this configuration reads ``context.encoder_attention``."""
         return self.dominant_score == "attention"

@@ -126,9 +126,7 @@ def _bind(fn: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
 def _needs(state: TrimState) -> tuple[bool, bool]:
     if state.selector is None:  # in-LLM methods read what they need inside the model
         return False, False
-    text = bool(getattr(state.selector, "needs_text", state.spec.needs_text))
-    attention = bool(getattr(state.selector, "needs_encoder_attention", state.spec.needs_encoder_attention))
-    return text, attention
+    return state.spec.signals(state.selector)
 
 
 def _questions(model: torch.nn.Module, state: TrimState, prepared: Prepared, mask: Any) -> list[torch.Tensor]:
