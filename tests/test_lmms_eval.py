@@ -274,3 +274,50 @@ def test_every_family_answers_images_and_videos_batched_as_one_at_a_time(arch: s
                                       clean_up_tokenization_spaces=False)[0]
         assert result.text == want and want.strip(), (task, i, result.text, want)
         assert result.token_counts.output_tokens <= settings[task]["max_new_tokens"]
+
+
+def test_a_clip_of_a_video_is_answered_from_its_window(tmp_path: Path) -> None:
+    """``video_start``/``video_end`` (as lmms-eval's task code writes them) and ``start_time``/
+    ``end_time`` (its chat protocol) sample inside the clip: the answer equals one from the
+    clip's frames given by hand."""
+    import torch
+    from lmms_eval.api.instance import Instance
+
+    from tokensieve.eval.lmms_model import TokensieveLMM
+    from tokensieve.tiny import make_tiny
+    from tokensieve.video import read_video
+    from tokensieve.zoo import synthvid
+
+    model_dir = make_tiny("llava-onevision", tmp_path / "model")
+    clip_path = synth_task.write_video(tmp_path / "v.mp4", synthvid.make_example(21).frames)  # 16 frames, 2 s
+    docs = [{"video": {"path": str(clip_path), "video_start": 0.5, "video_end": 1.5}},
+            {"video": str(clip_path), "start_time": 0.5, "end_time": 1.5}]
+
+    def to_messages(doc: dict) -> list:
+        item = {"type": "video", "url": doc["video"]}
+        if "start_time" in doc:
+            item.update(start_time=doc["start_time"], end_time=doc["end_time"])
+        return [{"role": "user", "content": [item, {"type": "text", "text": "what moved ?"}]}]
+
+    lm = TokensieveLMM(pretrained=str(model_dir), method="vidcom2", retain=0.5, device="cpu", dtype="float32",
+                       batch_size=2, max_num_frames=4)
+    lm.task_dict = {"t": {"test": docs}}
+    gen = {"max_new_tokens": 3, "temperature": 0}
+    out = lm.generate_until([Instance("generate_until", ("", to_messages, gen, i, "t", "test"), idx=0,
+                                      metadata={"task": "t", "doc_id": i, "repeats": 1}) for i in range(2)])
+    clip = read_video(clip_path, 4, start=0.5, end=1.5)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what moved ?"}]}]
+    prompt = lm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = lm.processor(text=[prompt], videos=[clip.frames], video_metadata=[clip.metadata()],
+                          do_sample_frames=False, return_tensors="pt")
+    with torch.inference_mode():
+        ids = lm.model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    want = lm.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)[0]
+    assert [r.text for r in out] == [want, want]
+    whole = read_video(clip_path, 4)  # the whole video answers otherwise: the window is what decided
+    inputs = lm.processor(text=[prompt], videos=[whole.frames], video_metadata=[whole.metadata()],
+                          do_sample_frames=False, return_tensors="pt")
+    with torch.inference_mode():
+        ids = lm.model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert lm.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0] != want

@@ -216,3 +216,25 @@ def test_array_processor_llava_layout_and_metadata() -> None:
     assert tuple(out["pixel_values_videos"].shape) == (1, 3, 3, 16, 16)
     assert out["video_metadata"][0].sampled_fps == pytest.approx(1.5)
     assert ArrayVideoProcessor(config).to_dict() == config
+
+
+def test_a_clip_is_sampled_inside_its_window_with_indices_from_the_start(tmp_path: Path) -> None:
+    """``start``/``end`` in seconds: frame i is at i / fps; the sampled frames are the rendered ones."""
+    from tokensieve.eval.synth_task import write_video
+    from tokensieve.zoo import synthvid
+
+    frames = synthvid.make_example(3).frames  # 16 frames, written at 8 fps: 2 s
+    path = write_video(tmp_path / "clip.mp4", frames, fps=8)
+    clip = read_video(path, 4, start=0.5, end=1.5)  # frames 4 .. 12
+    assert clip.indices == [4, 7, 9, 12]
+    for i, image in zip(clip.indices, clip.frames):
+        assert np.array_equal(np.asarray(image), frames[i])
+    meta = clip.metadata()
+    assert meta["frames_indices"] == [4, 7, 9, 12] and meta["total_num_frames"] == 16 and meta["fps"] == 8.0
+    assert read_video(path, 32, start=1.0).indices == list(range(8, 16))  # to the end; fewer frames than asked
+    assert read_video(path, 2, end=0.25).indices == [0, 2]
+    for kwargs, message in (({"start": 1.0, "end": 1.0}, "must come after its start"),
+                            ({"start": -1.0}, "seconds >= 0"),
+                            ({"start": 5.0}, "holds no frame")):
+        with pytest.raises(InputError, match=message):
+            read_video(path, 4, **kwargs)

@@ -10,6 +10,7 @@ Processors (including one that works without torchvision) live in :mod:`tokensie
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,21 +153,51 @@ def _declared_frame_count(file: Path) -> int:
         return 0  # the decoding pass reports the real problem with a full message
 
 
-def read_video(path: str | os.PathLike[str], num_frames: int = 32) -> VideoClip:
-    """Decode ``path`` and sample ``num_frames`` frames uniformly over the whole video.
+def _window(total: int, fps: float | None, start: float | None, end: float | None, file: Path) -> tuple[int, int]:
+    """First and last frame index of the clip ``[start, end]`` seconds (frame ``i`` is at ``i / fps``)."""
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise InputError(f"video clip {name} must be a number of seconds >= 0, got {value!r}")
+    if start is not None and end is not None and end <= start:
+        raise InputError(f"video clip end ({end} s) must come after its start ({start} s)")
+    if not fps:
+        raise InputError(f"{file}: the video declares no frame rate, so a clip in seconds cannot be located")
+    first = 0 if start is None else math.ceil(start * fps - 1e-9)
+    last = total - 1 if end is None else min(total - 1, math.floor(end * fps + 1e-9))
+    if first > last:
+        raise InputError(f"{file}: the clip [{start}, {end}] s holds no frame of this {total / fps:.2f} s video")
+    return first, last
+
+
+def read_video(path: str | os.PathLike[str], num_frames: int = 32, *, start: float | None = None,
+               end: float | None = None) -> VideoClip:
+    """Decode ``path`` and sample ``num_frames`` frames uniformly over the whole video, or over the
+    clip from ``start`` to ``end`` seconds when either is given.
 
     Sampling follows :func:`sample_indices`: ``linspace(0, n - 1, num_frames)`` rounded, so the
     first and last frames are included. A video with fewer than ``num_frames`` frames yields
     all of its frames (so the result can be shorter than asked). When the container does not
     declare a frame count, or declares a wrong one, the video is decoded in full to count its
-    frames and then sampled.
+    frames and then sampled. The indices (and :meth:`VideoClip.metadata`) count from the start
+    of the video, so processors that place frames in time see their real times.
 
     Raises:
         InputError: the file is missing, cannot be decoded, has no video stream or no decodable
-            frames, or ``num_frames`` is not an integer >= 1.
+            frames, ``num_frames`` is not an integer >= 1, or the clip is not a window of the video.
     """
     num_frames = _check_num_frames(num_frames)
     file = _check_file(path, "video")
+    if start is not None or end is not None:
+        _, total, fps = _decode_frames(file, set())
+        first, last = _window(total, fps, start, end, file)
+        indices = [first + i for i in sample_indices(last - first + 1, num_frames)]
+        kept, total, fps = _decode_frames(file, set(indices))
+        indices = [i for i in indices if i in kept]
+        if not indices:
+            raise InputError(f"could not decode the clip [{start}, {end}] s of video {file}")
+        return VideoClip(frames=[kept[i] for i in indices], indices=indices, total_frames=total, fps=fps,
+                         path=str(file))
     declared = _declared_frame_count(file)
     if declared > 0:
         indices = sample_indices(declared, num_frames)

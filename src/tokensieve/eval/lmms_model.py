@@ -476,15 +476,15 @@ class TokensieveLMM(lmms):
             url = url.get("path") or url.get("url") or url.get("video")
         if not isinstance(url, (str, os.PathLike)):
             raise InputError(f"a video must be given as a file path, got {type(url).__name__}")
-        if start is not None or end is not None:
-            raise InputError(f"{url}: video_start/video_end (a clip of a video) are not supported yet; "
-                             "give whole videos")
+        start = float(start) if start is not None else None
+        end = float(end) if end is not None else None
         frames = self.max_num_frames
         if self.fps is not None:
             total, rate = _probe(url)
             if total and rate:
-                frames = max(1, min(self.max_num_frames, int(math.ceil(total / rate * self.fps))))
-        return read_video(url, frames)
+                seconds = (end if end is not None else total / rate) - (start or 0.0)
+                frames = max(1, min(self.max_num_frames, int(math.ceil(seconds * self.fps))))
+        return read_video(url, frames, start=start, end=end)
 
     def _set_frame_size(self) -> None:
         """Apply ``min_pixels`` / ``max_pixels`` to Qwen-family image and video processors."""
