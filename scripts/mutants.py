@@ -241,8 +241,8 @@ class PDrop(InLLMMethod):''',
     Mutant(
         "lmms-stats-first-sample", "every stats line of a batch describes its first sample",
         "eval/lmms_model.py",
-        '            sample = stats.as_dict()["samples"][j] if stats is not None else None',
-        '            sample = stats.as_dict()["samples"][0] if stats is not None else None',
+        "            sample = samples[j] if samples is not None else None",
+        "            sample = samples[0] if samples is not None else None",
         ("tests/test_lmms_eval.py::test_batch_1_and_batch_4_answer_alike",),
     ),
     Mutant(

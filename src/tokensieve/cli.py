@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tokensieve._argtypes import non_negative_int, positive_int
-from tokensieve.errors import InputError, TokensieveError
+from tokensieve.errors import InputError, TokensieveError, first_line
 
 __all__ = ["build_parser", "main"]
 
@@ -344,11 +344,6 @@ def _cmd_make_task(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
-
-
 def _looks_local(name: str) -> bool:
     """Whether ``name`` can only mean a local path (not a hub id)."""
     return name.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(name) or name in {".", ".."}
@@ -375,7 +370,7 @@ def _load(name: str, dtype: str, attn: str) -> tuple[Any, Any]:
             path, dtype=getattr(torch, dtype), attn_implementation=attn
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"could not load model '{name}': {_first_line(exc)}") from exc
+        raise InputError(f"could not load model '{name}': {first_line(exc)}") from exc
     model.eval()
     return model, processor
 
@@ -450,7 +445,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         if isinstance(exc, TokensieveError):
             raise
-        raise InputError(f"could not prepare the inputs for '{args.model}': {_first_line(exc)}") from exc
+        raise InputError(f"could not prepare the inputs for '{args.model}': {first_line(exc)}") from exc
     inputs = inputs.to(model.device)
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs and inputs[key].is_floating_point():

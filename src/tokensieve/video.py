@@ -21,7 +21,7 @@ from PIL import Image
 
 from tokensieve.errors import InputError
 
-__all__ = ["VideoClip", "load_image", "load_video", "read_video", "sample_indices"]
+__all__ = ["VideoClip", "load_image", "load_video", "probe", "read_video", "sample_indices"]
 
 _VIDEO_FORMATS = "a container PyAV/FFmpeg can decode (e.g. .mp4, .mkv, .webm, .avi, .mov)"
 _IMAGE_FORMATS = "an image Pillow can open (e.g. .png, .jpg, .webp, .bmp)"
@@ -140,17 +140,20 @@ def _decode_frames(file: Path, wanted: set[int] | None) -> tuple[dict[int, Image
     return kept, count, fps
 
 
-def _declared_frame_count(file: Path) -> int:
-    """Frame count the container declares for its first video stream, 0 if unknown."""
+def probe(path: str | os.PathLike[str]) -> tuple[int, float | None]:
+    """``(frame count, average frame rate)`` the container declares for its first video stream,
+    without decoding: ``0`` / ``None`` when unknown (or unreadable: decoding reports why)."""
     import av
 
     try:
-        with av.open(str(file)) as container:
+        with av.open(str(path)) as container:
             if not container.streams.video:
-                return 0
-            return int(container.streams.video[0].frames or 0)
+                return 0, None
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate) if stream.average_rate else None
+            return int(stream.frames or 0), rate
     except Exception:
-        return 0  # the decoding pass reports the real problem with a full message
+        return 0, None  # the decoding pass reports the real problem with a full message
 
 
 def _window(total: int, fps: float | None, start: float | None, end: float | None, file: Path) -> tuple[int, int]:
@@ -198,7 +201,7 @@ def read_video(path: str | os.PathLike[str], num_frames: int = 32, *, start: flo
             raise InputError(f"could not decode the clip [{start}, {end}] s of video {file}")
         return VideoClip(frames=[kept[i] for i in indices], indices=indices, total_frames=total, fps=fps,
                          path=str(file))
-    declared = _declared_frame_count(file)
+    declared, _ = probe(file)
     if declared > 0:
         indices = sample_indices(declared, num_frames)
         kept, total, fps = _decode_frames(file, set(indices))

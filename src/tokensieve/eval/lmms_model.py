@@ -40,7 +40,7 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 
 import tokensieve
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, first_line
 
 __all__ = ["TokensieveLMM", "coerce_options"]
 
@@ -112,11 +112,6 @@ def _gen_settings(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]
         if gen_kwargs.get(key) is not None:
             out[key] = gen_kwargs[key]
     return out, [u for u in until if isinstance(u, str) and u]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].strip()
 
 
 def _cut(text: str, until: list[str]) -> str:
@@ -248,7 +243,7 @@ class TokensieveLMM(lmms):
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, InputError):
                 raise
-            raise InputError(f"could not load the processor of {pretrained!r}: {_first_line(exc)}") from exc
+            raise InputError(f"could not load the processor of {pretrained!r}: {first_line(exc)}") from exc
         self._set_frame_size()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None or getattr(self.processor, "chat_template", None) is None:
@@ -265,7 +260,7 @@ class TokensieveLMM(lmms):
                 **load_kwargs,
             )
         except (OSError, ValueError, KeyError, ImportError) as exc:
-            raise InputError(f"could not load {pretrained!r}: {_first_line(exc)}") from exc
+            raise InputError(f"could not load {pretrained!r}: {first_line(exc)}") from exc
         if device_map is None:
             model = model.to(self._device)
         model.eval()
@@ -372,11 +367,12 @@ class TokensieveLMM(lmms):
         ends = self._end_ids()
         seq = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else [ids.shape[1]] * len(requests)
         placeholders = [int(sum(int((row == p).sum()) for p in self._placeholders)) for row in ids]
+        samples = stats.as_dict()["samples"] if stats is not None else None  # once per batch
         results, lines = [], []
         for j, request in enumerate(requests):
             row = new[j].tolist()
             n_new = next((k + 1 for k, t in enumerate(row) if t in ends), len(row))
-            sample = stats.as_dict()["samples"][j] if stats is not None else None
+            sample = samples[j] if samples is not None else None
             seq_after = int(sample["sequence_after"]) if sample is not None else int(seq[j])
             if sample is not None:
                 visual_before = sum(s["tokens_before"] for s in sample["segments"])
@@ -468,7 +464,7 @@ class TokensieveLMM(lmms):
         return self._read_video(url, None, None)
 
     def _read_video(self, url: Any, start: float | None, end: float | None) -> Any:
-        from tokensieve.video import read_video
+        from tokensieve.video import probe, read_video
 
         if isinstance(url, dict):
             start = url.get("video_start", start)
@@ -480,7 +476,7 @@ class TokensieveLMM(lmms):
         end = float(end) if end is not None else None
         frames = self.max_num_frames
         if self.fps is not None:
-            total, rate = _probe(url)
+            total, rate = probe(url)
             if total and rate:
                 seconds = (end if end is not None else total / rate) - (start or 0.0)
                 frames = max(1, min(self.max_num_frames, int(math.ceil(seconds * self.fps))))
@@ -509,17 +505,3 @@ class TokensieveLMM(lmms):
             raise InputError("min_pixels/max_pixels apply to processors that size frames by pixel count "
                              "(Qwen2-VL, Qwen2.5-VL); this checkpoint's processor does not")
 
-
-def _probe(path: str | os.PathLike[str]) -> tuple[int, float | None]:
-    """``(declared frame count, average frame rate)`` of a video's first stream (0 / None when unknown)."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                return 0, None
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate) if stream.average_rate else None
-            return int(stream.frames or 0), rate
-    except Exception:
-        return 0, None  # read_video reports the real problem with a full message
