@@ -251,6 +251,17 @@ def make_batch(model, arch: str, samples: list[list[tuple[str, Any]]], frames: i
     return kw
 
 
+def left_pad(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left padded into ``(input_ids, attention_mask)``, both ``[B, L]``."""
+    L = max(map(len, rows))
+    input_ids = torch.full((len(rows), L), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, L - len(r):] = torch.tensor(r)
+        mask[b, L - len(r):] = 1
+    return input_ids, mask
+
+
 def capture_lm_inputs(model, kw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Run the *unpatched* model once and capture what it feeds its language model."""
     seen: dict[str, torch.Tensor] = {}

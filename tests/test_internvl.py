@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
+from _builders import left_pad
+
 import tokensieve
 
 PAD, EOS, BOS = 0, 1, 2
@@ -54,12 +56,7 @@ def make_batch(samples: list[list[tuple[str, int]]], seed: int = 1) -> dict:
             ids += torch.randint(20, 60, (16,), generator=g).tolist()  # a caption between items
         ids += torch.randint(20, 60, (3 + 2 * b,), generator=g).tolist()
         rows.append(ids)
-    L = max(map(len, rows))
-    input_ids = torch.full((len(rows), L), PAD)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, L - len(r):] = torch.tensor(r)
-        mask[b, L - len(r):] = 1
+    input_ids, mask = left_pad(rows, PAD)
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=torch.randn(n_tiles, 3, 16, 16, generator=g))
 
 

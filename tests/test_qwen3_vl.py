@@ -21,6 +21,8 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
+from _builders import left_pad
+
 import tokensieve
 from tokensieve.errors import InputError
 
@@ -103,12 +105,7 @@ def make_batch(samples: list[list[tuple[str, tuple[int, int, int]]]], seed: int 
             ids += torch.randint(20, 60, (2,), generator=g).tolist()
         ids += torch.randint(20, 60, (3 + 2 * b,), generator=g).tolist()
         rows.append(ids)
-    L = max(map(len, rows))
-    input_ids = torch.full((len(rows), L), PAD)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, L - len(r):] = torch.tensor(r)
-        mask[b, L - len(r):] = 1
+    input_ids, mask = left_pad(rows, PAD)
     mm = torch.zeros_like(input_ids, dtype=torch.int32)
     mm[input_ids == IMAGE] = 1
     mm[input_ids == VIDEO] = 2
@@ -237,24 +234,34 @@ def sample_of(kw: dict, samples: list, b: int) -> dict:
     return out
 
 
-def test_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_hand() -> None:
-    model = build()
+def generate_batched_then_singly(model, kw: dict, n_new: int, **gen):
+    """``generate`` on the batch (its logits and statistics kept), then on each sample alone,
+    unpadded: every sample's new tokens must equal its row's. Returns the batch's output and
+    statistics (read before the single runs replace them)."""
+    L = kw["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=n_new, return_dict_in_generate=True, output_logits=True, **gen)
+        st = tokensieve.stats(model)
+        for b in range(len(SAMPLES)):
+            one = sample_of(kw, SAMPLES, b)
+            single = model.generate(**one, max_new_tokens=n_new, **gen)
+            assert torch.equal(single[0, one["input_ids"].shape[1]:], out.sequences[b, L:]), b
+    return out, st
+
+
+@pytest.mark.parametrize("builder", [build, build35], ids=["qwen3-vl", "qwen3.5"])
+def test_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_hand(builder) -> None:
+    model = builder()
     kw = make_batch(SAMPLES)
     L = kw["input_ids"].shape[1]
     with tokensieve.compress(model, "vidcom2", retain=0.5):
-        with torch.no_grad():
-            both = model.generate(**kw, max_new_tokens=4)
-        keeps = [k.clone() for k in tokensieve.stats(model).keep]
-        for b in range(len(SAMPLES)):
-            one = sample_of(kw, SAMPLES, b)
-            with torch.no_grad():
-                single = model.generate(**one, max_new_tokens=4)
-            assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b
+        out, st = generate_batched_then_singly(model, kw, 4)
+    both = out.sequences
     assert torch.equal(both[:, :L], kw["input_ids"])  # the caller's prompt comes back
     for b in range(len(SAMPLES)):  # greedy decoding by hand, recomputing the whole sequence each step
         generated: list[int] = []
         for _ in range(4):
-            generated.append(int(reference_logits(model, kw, b, keeps[b], generated=generated)[-1].argmax()))
+            generated.append(int(reference_logits(model, kw, b, st.keep[b], generated=generated)[-1].argmax()))
         assert both[b, L:].tolist() == generated, b
 
 
@@ -305,14 +312,8 @@ def test_in_llm_methods_equal_the_unpatched_layers_with_deepstack_by_hand(method
     kw = make_batch(SAMPLES)
     L = kw["input_ids"].shape[1]
     with tokensieve.compress(model, method, retain=retain, **options):
-        with torch.no_grad():
-            out = model.generate(**kw, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
-        record = tokensieve.stats(model).inllm
-        for b in range(len(SAMPLES)):
-            one = sample_of(kw, SAMPLES, b)
-            with torch.no_grad():
-                single = model.generate(**one, max_new_tokens=3)
-            assert torch.equal(single[0, one["input_ids"].shape[1]:], out.sequences[b, L:]), b
+        out, st = generate_batched_then_singly(model, kw, 3)
+    record = st.inllm
     assert record.points and any(len(k[0]) < int(v[0]) for k, v in zip(record.kept, record.v_in))
     new = out.sequences[:, L:]
     for b in range(len(SAMPLES)):
@@ -348,15 +349,8 @@ def test_beams_and_the_decode_stage_run_batched_as_one_at_a_time(method: str, op
     """Beam search repeats each sample's rows: its DeepStack rows are repeated with them."""
     model = build()
     kw = make_batch(SAMPLES)
-    L = kw["input_ids"].shape[1]
-    beams = 1 if options.get("dp") else 2
     with tokensieve.compress(model, method, retain=0.5, **options):
-        with torch.no_grad():
-            both = model.generate(**kw, max_new_tokens=3, num_beams=beams)
-            for b in range(len(SAMPLES)):
-                one = sample_of(kw, SAMPLES, b)
-                single = model.generate(**one, max_new_tokens=3, num_beams=beams)
-                assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b
+        generate_batched_then_singly(model, kw, 3, num_beams=1 if options.get("dp") else 2)
 
 
 
@@ -377,25 +371,6 @@ def test_qwen3_5_prefill_equals_the_unpatched_hybrid_decoder_on_the_kept_tokens(
         ref = reference_logits(model, kw, b, keep, replaced=st.replaced[b])
         got = logits[b, logits.shape[1] - keep.numel():]
         assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
-
-
-def test_qwen3_5_generate_batched_equals_one_at_a_time_and_greedy_decoding_by_hand() -> None:
-    model = build35()
-    kw = make_batch(SAMPLES)
-    L = kw["input_ids"].shape[1]
-    with tokensieve.compress(model, "vidcom2", retain=0.5):
-        with torch.no_grad():
-            both = model.generate(**kw, max_new_tokens=4)
-            keeps = [k.clone() for k in tokensieve.stats(model).keep]
-            for b in range(len(SAMPLES)):
-                one = sample_of(kw, SAMPLES, b)
-                single = model.generate(**one, max_new_tokens=4)
-                assert torch.equal(single[0, one["input_ids"].shape[1]:], both[b, L:]), b
-    for b in range(len(SAMPLES)):
-        generated: list[int] = []
-        for _ in range(4):
-            generated.append(int(reference_logits(model, kw, b, keeps[b], generated=generated)[-1].argmax()))
-        assert both[b, L:].tolist() == generated, b
 
 
 def test_qwen3_5_ranking_at_a_linear_attention_layer_is_refused_naming_the_full_ones() -> None:
@@ -446,14 +421,8 @@ def test_qwen3_5_in_llm_methods_equal_the_unpatched_hybrid_layers_by_hand(method
     kw = make_batch(SAMPLES)
     L = kw["input_ids"].shape[1]
     with tokensieve.compress(model, method, retain=retain, **options):
-        with torch.no_grad():
-            out = model.generate(**kw, max_new_tokens=3, return_dict_in_generate=True, output_logits=True)
-        record = tokensieve.stats(model).inllm
-        for b in range(len(SAMPLES)):
-            one = sample_of(kw, SAMPLES, b)
-            with torch.no_grad():
-                single = model.generate(**one, max_new_tokens=3)
-            assert torch.equal(single[0, one["input_ids"].shape[1]:], out.sequences[b, L:]), b
+        out, st = generate_batched_then_singly(model, kw, 3)
+    record = st.inllm
     assert any(len(k[0]) < v[0] for k, v in zip(record.kept, record.v_in))
     new = out.sequences[:, L:]
     for b in range(len(SAMPLES)):

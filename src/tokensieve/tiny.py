@@ -250,34 +250,24 @@ def tiny_config(arch: str, tokenizer: Any | None = None) -> Any:
         "vision_end_token_id": end_id,
         "tie_word_embeddings": False,
     }
+    # Qwen3-VL's and Qwen3.5's vision tower (16-px patches, learnt 4×4 position grid)
+    qwen3_vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                    "out_hidden_size": _TEXT["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
+                    "temporal_patch_size": 2, "num_position_embeddings": 16}
     if arch == "qwen3.5":
         from transformers import Qwen3_5Config
 
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                  "out_hidden_size": _TEXT["hidden_size"], "patch_size": 16, "spatial_merge_size": 2,
-                  "temporal_patch_size": 2, "num_position_embeddings": 16}
         # 4 layers: three Gated-DeltaNet linear-attention layers, then a full-attention one
         hybrid = dict(text, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                       linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
                       linear_num_key_heads=2, linear_num_value_heads=4,
                       rope_parameters=dict(rope, mrope_section=[2, 1, 1], mrope_interleaved=True,
                                            partial_rotary_factor=0.25))
-        return Qwen3_5Config(text_config=hybrid, vision_config=vision, **ids)
+        return Qwen3_5Config(text_config=hybrid, vision_config=qwen3_vision, **ids)
     if arch == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _TEXT["hidden_size"],
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0, 1],
-        }
+        vision = dict(qwen3_vision, deepstack_visual_indexes=[0, 1])
         rope3 = dict(rope, mrope_section=[4, 2, 2], mrope_interleaved=True)
         return Qwen3VLConfig(text_config=dict(text, head_dim=16, rope_parameters=rope3), vision_config=vision, **ids)
     if arch == "qwen2-vl":

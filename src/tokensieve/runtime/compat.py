@@ -229,6 +229,13 @@ def _check_call(fn: Callable[..., Any], where: str, passed: tuple[str, ...], cac
     return name
 
 
+def layer_types(lm: torch.nn.Module) -> list[str]:
+    """Each decoder layer's kind (``config.layer_types``: ``"full_attention"``,
+    ``"sliding_attention"``, ``"linear_attention"``; all full attention when the config has none)."""
+    types = getattr(lm.config, "layer_types", None)
+    return list(types) if types else ["full_attention"] * len(lm.layers)
+
+
 def check_language_model(lm: torch.nn.Module) -> LMCalls:
     """Check everything the in-LLM runtime calls on ``lm`` and say how to call it.
 
@@ -247,7 +254,7 @@ def check_language_model(lm: torch.nn.Module) -> LMCalls:
     cache = mask_cache_name()
     output_cache_name()
     _check_call(lm.forward, f"{name}.forward", _LM_ARGS, cache)
-    kinds = list(getattr(lm.config, "layer_types", None) or ["full_attention"] * len(layers))
+    kinds = layer_types(lm)
     for i, layer in enumerate(layers):
         where = f"decoder layer {i} ({type(layer).__name__})"
         linear = kinds[i] == "linear_attention"

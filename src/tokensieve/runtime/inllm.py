@@ -177,16 +177,11 @@ class InLLMRecord:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _layer_types(lm: torch.nn.Module) -> list[str]:
-    types = getattr(lm.config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * len(lm.layers)
-
-
 def check_ranking_layers(lm: torch.nn.Module, method: Any, dp: Any, name: str, retain: float) -> None:
     """On a hybrid decoder (Qwen3.5: linear-attention layers between full-attention ones) a method
     can rank only by a full-attention layer's rows: raise :class:`InputError` naming the layer
     and the full-attention ones otherwise. Called by ``compress`` before anything is patched."""
-    kinds = _layer_types(lm)
+    kinds = compat.layer_types(lm)
     if all(k != "linear_attention" for k in kinds):
         return
     full = [i for i, k in enumerate(kinds) if k != "linear_attention"]
@@ -333,7 +328,7 @@ def _prefill(model: Any, lm: Any, state: Any, pending: Pending, h: torch.Tensor,
     method = state.inllm
     calls: compat.LMCalls = state.lm_calls
     num_layers = len(lm.layers)
-    kinds = _layer_types(lm)
+    kinds = compat.layer_types(lm)
     B = h.shape[0]
     state.lm_config = lm.config
     pending = _expand(pending, B)
@@ -557,7 +552,7 @@ def _decode(model: Any, lm: Any, state: Any, session: Session, h: torch.Tensor, 
     calls: compat.LMCalls = state.lm_calls
     B, q = h.shape[:2]
     new_cols = mask[:, -q:]
-    kinds = _layer_types(lm)
+    kinds = compat.layer_types(lm)
     dp_keep: list[torch.Tensor | None] = [None] * B
     rotary_cache: dict[tuple[int, ...], Any] = {}
     for idx, layer in enumerate(lm.layers):
