@@ -341,12 +341,13 @@ def video_processor_config(arch: str) -> dict[str, Any]:
 
 
 def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
-    """The processor for the tiny ``arch`` model (``LlavaOnevisionProcessor``, ``Qwen2VLProcessor``
-    or ``Qwen2_5_VLProcessor``).
+    """The processor for the tiny ``arch`` model (``LlavaOnevisionProcessor``, ``Qwen2VLProcessor``,
+    ``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor`` or ``InternVLProcessor``).
 
-    Image and video sizes match :func:`tiny_config`. Works without torchvision: the video
-    processor is then a :class:`tokensieve.processing.ArrayVideoProcessor` saved under the
-    library's own video processor type (see :func:`tokensieve.processing.assemble_processor`).
+    Image and video sizes match :func:`tiny_config`. The first three work without torchvision:
+    the video processor is then a :class:`tokensieve.processing.ArrayVideoProcessor` saved under
+    the library's own video processor type (see :func:`tokensieve.processing.assemble_processor`);
+    the families in :data:`NEEDS_TORCHVISION` need it, and say so.
     """
     from tokensieve.processing import assemble_processor
 
@@ -367,8 +368,14 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
             vision_feature_select_strategy="full",
             vision_aspect_ratio="anyres_max_9",
         )
+    if arch in NEEDS_TORCHVISION:
+        from tokensieve.processing import has_torchvision
+
+        if not has_torchvision():
+            raise InputError(f"the tiny {arch} model needs torchvision for its family's video processor "
+                             "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
     if arch in ("qwen3-vl", "qwen3.5"):
-        return _qwen3_processor(tokenizer, template, arch)
+        return _qwen3_processor(tokenizer, template)
     if arch == "internvl":
         return _internvl_processor(tokenizer, template)
     from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
@@ -383,14 +390,9 @@ def build_processor(arch: str, tokenizer: Any | None = None) -> Any:
     )
 
 
-def _qwen3_processor(tokenizer: Any, template: str, arch: str) -> Any:
+def _qwen3_processor(tokenizer: Any, template: str) -> Any:
     """Qwen3-VL's own processor, also Qwen3.5's (its video processor writes per-frame timestamps;
     it needs torchvision)."""
-    from tokensieve.processing import has_torchvision
-
-    if not has_torchvision():
-        raise InputError(f"the tiny {arch} model needs torchvision for Qwen3-VL's video processor "
-                         "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     image_size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
@@ -408,11 +410,6 @@ def _qwen3_processor(tokenizer: Any, template: str, arch: str) -> Any:
 
 def _internvl_processor(tokenizer: Any, template: str) -> Any:
     """InternVL's own processor: 32-px tiles (up to 4 and a thumbnail per image), one tile per frame."""
-    from tokensieve.processing import has_torchvision
-
-    if not has_torchvision():
-        raise InputError("the tiny internvl model needs torchvision for InternVL's video processor "
-                         "(pip install torch==2.14.1 torchvision==0.29.1, or the eval extra's set-up)")
     from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
 
     size = {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE}

@@ -56,9 +56,6 @@ class InternVLAdapter(Adapter):
     style = "1d"
     visual_keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "mm_encoder_outputs")
 
-    def special_ids(self, model: torch.nn.Module) -> set[int]:
-        return super().special_ids(model) | {int(model.config.image_token_id)}
-
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
