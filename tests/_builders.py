@@ -309,6 +309,17 @@ def gather_by_hand(full_embeds, full_pos, mask, keep: list[torch.Tensor], positi
     return emb, m, pos
 
 
+def apply_replaced(emb, st, keep):
+    """Write merged features over their kept tokens in a hand-gathered, left-padded batch."""
+    Lp = emb.shape[1]
+    for b, items in enumerate(st.replaced):
+        for positions, feats in items:
+            slot = torch.searchsorted(keep[b], positions)
+            assert torch.equal(keep[b][slot], positions)  # merged tokens sit at kept positions
+            emb[b, Lp - keep[b].numel() + slot] = feats.to(emb.dtype)
+    return emb
+
+
 def full_positions_1d(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 from _builders import ARCHS as ALL_ARCHS
 from _builders import CLASSIC_ARCHS as ARCHS
-from _builders import IMAGE, MROPE_ARCHS, VIDEO, build, capture_lm_inputs, full_positions_1d, make_batch
+from _builders import (IMAGE, MROPE_ARCHS, VIDEO, apply_replaced, build, capture_lm_inputs, full_positions_1d,
+                       gather_by_hand, make_batch)
 
 from tokensieve.errors import InputError
 
@@ -247,6 +248,43 @@ def test_inllm_matches_layer_by_layer_reference(models, arch, attn, batch, metho
     assert st.inllm is not None
     v_out = st.inllm.v_out[0]
     assert v_out[-1] < v_out[0] or v_out[-1] < st.inllm.v_in[0][0]  # something was pruned
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if a not in ("qwen3-vl", "qwen3.5")])
+def test_pre_llm_method_with_an_in_llm_stage_matches_reference(models, arch, batch):
+    """FlashVID's paper preset: its pre-LLM selection (merged features included), then the unpatched
+    layers by hand on the kept tokens with their original positions, pruned after layer 1 as recorded."""
+    model = models(arch, "sdpa")
+    mrope = arch in MROPE_ARCHS
+    kw = make_batch(model, arch, samples_for(arch, batch))
+    seen = capture_lm_inputs(model, kw)
+    full_rot = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
+    with tokensieve.compress(model, "flashvid", retain=0.3, preset="paper", llm_layer=2) as handle:
+        out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        st = tokensieve.stats(model)
+    emb, mask, rot = gather_by_hand(seen["inputs_embeds"], full_rot, kw["attention_mask"], st.keep,
+                                    handle.positions, mrope)
+    emb = apply_replaced(emb, st, st.keep)
+    full_vis = visual_positions(arch, kw["input_ids"])
+    Lp = mask.shape[1]
+    visual = [torch.isin(st.keep[b], full_vis[b]).nonzero(as_tuple=True)[0] + Lp - st.keep[b].numel()
+              for b in range(mask.shape[0])]
+    record = st.inllm
+    for b in range(mask.shape[0]):  # the in-LLM stage keeps ceil(0.3 V) of what the pre-LLM stage kept
+        V = visual[b].numel()
+        assert record.v_in[b][0] == V and record.v_out[b][1] == math.ceil(0.3 * V)
+    text = full_positions_1d(mask)
+    L = kw["input_ids"].shape[1]
+    new = out.sequences[:, L:]
+    lm = model.model.language_model
+    for t in range(N_NEW):
+        e = torch.cat([emb, lm.embed_tokens(new[:, :t])], 1)
+        r, tx, m = extend(rot, text if mrope else None, mask, t)
+        want = reference_logits(model, e, m, r, tx if mrope else r, visual, record, handle.positions, Lp)
+        torch.testing.assert_close(out.logits[t], want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(new[:, t], want.argmax(-1))
 
 
 @pytest.mark.parametrize("positions", ["preserve", "compact"])

@@ -15,6 +15,7 @@ from _builders import (
     INTERNVL_TILE,
     MROPE_ARCHS,
     VIDEO,
+    apply_replaced,
     build,
     capture_lm_inputs,
     full_positions_1d,
@@ -55,7 +56,7 @@ def greedy(model, kw, **extra):
         return model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, **extra)
 
 
-@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform"])
+@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform", "flashvid"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -82,18 +83,9 @@ METHODS = {
     "lftr-merge": ("lftr", {"spatial_op": "merge"}),
     "visionzip": ("visionzip", {}),
     "dycoke": ("dycoke", {"ttm_op": "average_into_anchor"}),
+    "flashvid": ("flashvid", {}),
+    "flashvid-qwen-fca-encoder": ("flashvid", {"adts": "v1", "min_segments": 4, "budget": "fca", "attention": "encoder"}),
 }
-
-
-def apply_replaced(emb, st, keep):
-    """Write merged features over their kept tokens in a hand-gathered, left-padded batch."""
-    Lp = emb.shape[1]
-    for b, items in enumerate(st.replaced):
-        for positions, feats in items:
-            slot = torch.searchsorted(keep[b], positions)
-            assert torch.equal(keep[b][slot], positions)  # merged tokens sit at kept positions
-            emb[b, Lp - keep[b].numel() + slot] = feats.to(emb.dtype)
-    return emb
 
 
 # selection-only baselines share vidcom2's runtime path: one kernel is enough for them

@@ -94,6 +94,8 @@ def compress(
         method = for_depth(num_layers)
     inllm = method if spec.stage == "in-llm" else None
     selector = method if spec.stage == "pre-llm" else None
+    if selector is not None and hasattr(method, "llm_stage"):  # a pre-LLM method with an in-LLM stage (FlashVID)
+        inllm = method.llm_stage()
     dp = method.decode_stage() if hasattr(method, "decode_stage") else None
     if (inllm is not None or dp is not None) and adapter.inllm_unsupported:
         raise InputError(f"{spec.name!r} on {type(model).__name__}: {adapter.inllm_unsupported}")

@@ -22,8 +22,9 @@ from .budget import (
     uniform_budget,
 )
 from .dycoke import DyCoke
+from .flashvid import FlashVID
 from .sparsevlm import SparseVLM
-from .inllm import DyCokeDP, FastV, PDrop, PrunePoint, SampleLayout, select_top
+from .inllm import DyCokeDP, FastV, FixedRatioPrune, PDrop, PrunePoint, SampleLayout, select_top
 from .lftr import LFTR
 from .vidcom2 import VidCom2
 from .visionzip import VisionZip
@@ -146,6 +147,21 @@ register(
 
 register(
     MethodSpec(
+        name="flashvid",
+        stage="pre-llm",
+        summary="FlashVID: segments, attention-and-diversity picks per frame, temporal tree merging, DPC clustering "
+        "(preset='paper': plus its in-LLM stage)",
+        factory=FlashVID,
+        default_positions=PRESERVE,
+        reference_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(FlashVID),
+        reference="Fan et al., ICLR 2026 (arXiv 2602.08024)",
+    )
+)
+
+register(
+    MethodSpec(
         name="fastv",
         stage="in-llm",
         summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
@@ -209,6 +225,8 @@ __all__ = [
     "LFTR",
     "VisionZip",
     "DyCoke",
+    "FlashVID",
+    "FixedRatioPrune",
     "DyCokeDP",
     "SparseVLM",
     "FastV",

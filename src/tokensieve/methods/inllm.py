@@ -420,6 +420,39 @@ class PDrop(InLLMMethod):
 
 
 @dataclass
+class FixedRatioPrune(InLLMMethod):
+    """The in-LLM stage of a pre-LLM method (FlashVID's ``fastv_prune``, arXiv 2602.08024):
+    before decoder layer ``layer``, keep ``⌈ratio·V⌉`` of the ``V`` visual tokens that reach it,
+    ranked by the last prompt token's attention at layer ``layer − 1`` (head mean). Its count
+    depends on ``V`` only, not on the run's retain."""
+
+    name: str = "in-llm stage"
+    layer: int = 20
+    ratio: float = 0.3
+
+    stage = "in-llm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise InputError(f"{self.name} option llm_layer must be an integer >= 1, got {self.layer!r}")
+        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
+            raise InputError(f"{self.name} option llm_ratio must be in (0, 1], got {self.ratio!r}")
+
+    def check_depth(self, num_layers: int) -> None:
+        check_layers(f"{self.name} llm_layer", (self.layer,), num_layers)
+
+    def plan(self, num_visual: int, num_layers: int, retain: float) -> list[PrunePoint]:
+        keep = max(1, min(num_visual, math.ceil(self.ratio * num_visual)))  # float64, as the reference
+        return [PrunePoint(self.layer - 1, keep, "self")]
+
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
+        return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
+
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        return head_mean_rows(attn, ctx.layout.visual)
+
+
+@dataclass
 class DyCokeDP:
     """DyCoke stage 2: dynamic pruning of the visual KV cache while decoding.
 

@@ -6,6 +6,10 @@ an attention-pooling head (Qwen2-VL/2.5-VL's ViT, LLaVA-OneVision's headless Sig
 frame mean) would give each token; softmax is monotone, so rankings are the same
 (``specs/lftr.md`` §3.5.1).
 
+``received_attention`` is the stand-in for "attention each token receives" in the tower's last
+layer (head and query mean, ``specs/sota.md``'s U3, which FlashVID and HoliTom read):
+``a[t, m] = mean_i softmax_j(<x_i, x_j> / sqrt(D))[m]`` over the frame's own tokens.
+
 ``question_positions`` picks the question's tokens in one sample.
 """
 
@@ -25,6 +29,14 @@ def frame_mean_attention(x: torch.Tensor, metric: str = "dot") -> torch.Tensor:
         mean = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return (xf * mean).sum(-1)
     return (xf * mean).sum(-1) / math.sqrt(x.shape[-1])
+
+
+def received_attention(x: torch.Tensor) -> torch.Tensor:
+    """Mean attention each token receives from its frame's tokens, ``[T, M]`` fp32 (rows sum to 1)
+    from ``x`` ``[T, M, D]``: one head of self-attention on the features themselves."""
+    xf = x.float()
+    logits = xf @ xf.transpose(-1, -2) / math.sqrt(x.shape[-1])
+    return logits.softmax(dim=-1).mean(dim=1)
 
 
 def question_positions(
