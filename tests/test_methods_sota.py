@@ -14,6 +14,7 @@ import tokensieve
 from tokensieve.errors import InputError
 from tokensieve.methods import SegmentContext, retained_count
 from tokensieve.methods.cluster import dpc_knn, segment_lengths, topk_det
+from tokensieve.methods.fastvid import FastVID, fastvid_plan, place_context
 from tokensieve.methods.flashvid import FlashVID, adts, layer_averaged_ratio, tree_merge
 
 
@@ -143,12 +144,64 @@ def test_flashvid_options_are_checked():
     assert spec.signals(spec.create()) == (False, False)
 
 
+# --- FastVID -------------------------------------------------------------------------------------
+
+def test_fastvid_anchors_and_context_split():
+    sal, ctx, C = fastvid_plan(torch.tensor([4, 4, 4, 3, 3]), 0.4, 4)  # R = 18: C = 7, S = 11
+    assert C == 7 and ctx.tolist() == [3, 0, 0, 0, 4]
+    assert sal.tolist() == [3, 2, 2, 2, 2]
+    assert int(sal.sum() + ctx.sum()) == 18
+
+
+def test_fastvid_overflow_from_a_full_anchor_keeps_the_total():
+    sal, ctx, _ = fastvid_plan(torch.full((4,), 98), 0.5, 4)  # r = .5, M = 196, L = 4: C = 196 on one anchor
+    assert ctx.tolist() == [0, 0, 0, 196] and int(sal[3]) == 49
+    sal2, ctx2 = place_context(sal, ctx, 196)
+    assert ctx2.tolist() == [0, 0, 0, 147] and int((sal2 + ctx2).sum()) == 392
+    assert bool((sal2 + ctx2 <= 196).all())
+    x = torch.randn(4, 196, 8, generator=torch.Generator().manual_seed(0)) + torch.arange(4.0)[:, None, None] * 5
+    sel = FastVID(tau=-1.0, segments=1).select(x, 0.5, SegmentContext(encoder_attention=torch.rand(4, 196)))
+    assert sel.keep.numel() == 392
+
+
+def test_fastvid_context_merge_weights():
+    e = torch.eye(4)
+    u, v, c = e[1] + 0.1 * e[0], e[1] - 0.1 * e[0], e[1]
+    seg = torch.stack([torch.stack([e[3], u, v]), torch.stack([e[2], c, e[0]])])  # [2, 3, 4]
+    kept = torch.tensor([[True, False, False], [True, True, False]])
+    salient = torch.tensor([[True, False, False], [True, False, False]])
+    method = FastVID()
+    merged = method._merge(seg, kept, salient, 1, torch.tensor([1]), {1: torch.tensor([1])})
+    # the unkept e[0] also joins the only context token: .6c + .4·mean(u, v, e0)
+    torch.testing.assert_close(merged[0], 0.6 * c + 0.4 * (u + v + e[0]) / 3)
+    lonely = method._merge(seg, torch.ones(2, 3, dtype=torch.bool), salient, 1, torch.tensor([1]), {})
+    torch.testing.assert_close(lonely[0], c)  # no sources: unchanged
+
+
+def test_fastvid_two_sources_give_point_two_each():
+    c, u, w = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.2]), torch.tensor([1.0, -0.2])
+    seg = torch.stack([c, u, w])[None]  # one frame, c kept as context, u and w dropped
+    kept = torch.tensor([[True, False, False]])
+    out = FastVID()._merge(seg, kept, torch.zeros(1, 3, dtype=torch.bool), 0, torch.tensor([0]), {})
+    torch.testing.assert_close(out[0], 0.6 * c + 0.2 * u + 0.2 * w)
+
+
+def test_fastvid_needs_encoder_attention_by_default():
+    spec = tokensieve.methods.get("fastvid")
+    assert spec.signals(spec.create()) == (False, True)
+    assert spec.signals(spec.create(attention="features")) == (False, False)
+    with pytest.raises(InputError, match="encoder attention"):
+        spec.create().select(torch.randn(2, 4, 3), 0.5)
+
+
 # --- every new method: exact totals, determinism --------------------------------------------------
 
 def _selectors(variant: int, budget: str):
     return {
         "flashvid": FlashVID(adts=("v2", "v1")[variant % 2], budget=budget, min_segments=(8, 4, 1, 2)[variant],
                              attention=("features", "encoder")[variant // 2 % 2]),
+        "fastvid": FastVID(budget=budget, merge=("video", "onevision")[variant % 2],
+                           sources=("dropped", "reference")[variant // 2 % 2], segments=(8, 1, 3, 20)[variant]),
     }
 
 
@@ -158,7 +211,7 @@ def _selectors(variant: int, budget: str):
     M=st.integers(1, 24),
     r=st.floats(min_value=1e-3, max_value=1.0, allow_nan=False),
     seed=st.integers(0, 2**16),
-    method=st.sampled_from(["flashvid"]),
+    method=st.sampled_from(["flashvid", "fastvid"]),
     budget=st.sampled_from(["uniform", "fca"]),
     variant=st.integers(0, 3),
 )
@@ -185,3 +238,5 @@ def test_exact_totals_and_determinism(T, M, r, seed, method, budget, variant):
     assert torch.equal(again.keep, keep) and torch.equal(again.features, sel.features)
     if r == 1.0:
         assert torch.equal(keep, torch.arange(N))
+        if getattr(selector, "sources", "dropped") == "dropped":
+            assert torch.equal(sel.features, x.reshape(N, D))

@@ -56,7 +56,7 @@ def greedy(model, kw, **extra):
         return model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, **extra)
 
 
-@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform", "flashvid"])
+@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform", "flashvid", "fastvid"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,6 +85,8 @@ METHODS = {
     "dycoke": ("dycoke", {"ttm_op": "average_into_anchor"}),
     "flashvid": ("flashvid", {}),
     "flashvid-qwen-fca-encoder": ("flashvid", {"adts": "v1", "min_segments": 4, "budget": "fca", "attention": "encoder"}),
+    "fastvid": ("fastvid", {}),
+    "fastvid-ov-reference-fca": ("fastvid", {"merge": "onevision", "sources": "reference", "budget": "fca"}),
 }
 
 

@@ -22,6 +22,7 @@ from .budget import (
     uniform_budget,
 )
 from .dycoke import DyCoke
+from .fastvid import FastVID
 from .flashvid import FlashVID
 from .sparsevlm import SparseVLM
 from .inllm import DyCokeDP, FastV, FixedRatioPrune, PDrop, PrunePoint, SampleLayout, select_top
@@ -162,6 +163,22 @@ register(
 
 register(
     MethodSpec(
+        name="fastvid",
+        stage="pre-llm",
+        summary="FastVID: dynamic segments, salient tokens by encoder attention, density-peak context tokens on "
+        "anchor frames that absorb the dropped ones",
+        factory=FastVID,
+        needs_encoder_attention=True,
+        default_positions=PRESERVE,
+        reference_positions={"1d": "preserve", "mrope": "preserve"},
+        budget_policies=("uniform", "fca"),
+        options=options_of(FastVID),
+        reference="Shen et al., NeurIPS 2025 (arXiv 2503.11187)",
+    )
+)
+
+register(
+    MethodSpec(
         name="fastv",
         stage="in-llm",
         summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
@@ -226,6 +243,7 @@ __all__ = [
     "VisionZip",
     "DyCoke",
     "FlashVID",
+    "FastVID",
     "FixedRatioPrune",
     "DyCokeDP",
     "SparseVLM",
