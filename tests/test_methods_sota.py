@@ -16,6 +16,7 @@ from tokensieve.methods import SegmentContext, retained_count
 from tokensieve.methods.cluster import dpc_knn, segment_lengths, topk_det
 from tokensieve.methods.fastvid import FastVID, fastvid_plan, place_context
 from tokensieve.methods.flashvid import FlashVID, adts, layer_averaged_ratio, tree_merge
+from tokensieve.methods.holitom import HoliTom, static_windows
 
 
 def unit_vectors(*angles_and_axes):
@@ -194,6 +195,54 @@ def test_fastvid_needs_encoder_attention_by_default():
         spec.create().select(torch.randn(2, 4, 3), 0.5)
 
 
+# --- HoliTom -------------------------------------------------------------------------------------
+
+def holitom_video():
+    """T = 4, M = 2: position 0 never changes; position 1 equal in frames 0-1, then changes twice."""
+    e = torch.eye(4)
+    return torch.stack([torch.stack([e[0], e[1]]), torch.stack([e[0], e[1]]),
+                        torch.stack([e[0], e[2]]), torch.stack([e[0], e[3]])]) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
+
+
+def test_holitom_windows_ties_go_to_the_shorter_window():
+    sim = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    windows, saved = static_windows(sim, 0.8)
+    assert windows == [(0, 1), (2, 3)] and saved == 3
+    assert static_windows(sim, 0.8, max_window=2)[0] == [(0, 1), (2, 3)]
+    assert static_windows(torch.zeros(3, 2), 0.8) == ([], 0)
+
+
+def test_holitom_worked_example_demotes_and_merges():
+    x = holitom_video()
+    sel = HoliTom().select(x, 0.75)
+    assert sel.keep.tolist() == [0, 1, 2, 4, 5, 7]
+    feats = dict(zip(sel.keep.tolist(), sel.features))
+    torch.testing.assert_close(feats[1], x[0:2, 1].mean(0))
+    torch.testing.assert_close(feats[4], x[2:4, 0].mean(0))
+    for i in (0, 2, 5, 7):
+        torch.testing.assert_close(feats[i], x.reshape(8, 4)[i])
+
+
+def test_holitom_restores_static_duplicates_when_the_budget_allows():
+    x = holitom_video()
+    sel = HoliTom().select(x, 7 / 8)  # one more than the groups hold: equal window minima, so t = 1 first
+    assert sel.keep.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    feats = dict(zip(sel.keep.tolist(), sel.features))
+    torch.testing.assert_close(feats[3], x[1, 1])
+    torch.testing.assert_close(feats[1], x[0, 1])  # the static mean lost its restored frame
+    torch.testing.assert_close(feats[4], x[2:4, 0].mean(0))
+    full = HoliTom().select(x, 1.0)
+    assert torch.equal(full.keep, torch.arange(8)) and torch.equal(full.features, x.reshape(8, 4))
+
+
+def test_holitom_clusters_a_large_static_pool():
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randn(12, 6, generator=g)
+    x = torch.stack([frame + 0.01 * torch.randn(12, 6, generator=g) for _ in range(5)])
+    sel = HoliTom().select(x, 0.1)  # K = 6 for 60 tokens: 5 frames, 1 static pool
+    assert sel.keep.numel() == 6 and bool((sel.frame_counts >= 1).all())
+
+
 # --- every new method: exact totals, determinism --------------------------------------------------
 
 def _selectors(variant: int, budget: str):
@@ -202,6 +251,8 @@ def _selectors(variant: int, budget: str):
                              attention=("features", "encoder")[variant // 2 % 2]),
         "fastvid": FastVID(budget=budget, merge=("video", "onevision")[variant % 2],
                            sources=("dropped", "reference")[variant // 2 % 2], segments=(8, 1, 3, 20)[variant]),
+        "holitom": HoliTom(tau=(0.8, 0.65, 0.0, 0.95)[variant], max_window=(1024, 2, 3, 1024)[variant],
+                           attention=("features", "encoder")[variant % 2]),
     }
 
 
@@ -211,7 +262,7 @@ def _selectors(variant: int, budget: str):
     M=st.integers(1, 24),
     r=st.floats(min_value=1e-3, max_value=1.0, allow_nan=False),
     seed=st.integers(0, 2**16),
-    method=st.sampled_from(["flashvid", "fastvid"]),
+    method=st.sampled_from(["flashvid", "fastvid", "holitom"]),
     budget=st.sampled_from(["uniform", "fca"]),
     variant=st.integers(0, 3),
 )

@@ -56,7 +56,7 @@ def greedy(model, kw, **extra):
         return model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, **extra)
 
 
-@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform", "flashvid", "fastvid"])
+@pytest.mark.parametrize("method", ["vidcom2", "lftr", "visionzip", "dycoke", "random", "uniform", "flashvid", "fastvid", "holitom"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -87,6 +87,7 @@ METHODS = {
     "flashvid-qwen-fca-encoder": ("flashvid", {"adts": "v1", "min_segments": 4, "budget": "fca", "attention": "encoder"}),
     "fastvid": ("fastvid", {}),
     "fastvid-ov-reference-fca": ("fastvid", {"merge": "onevision", "sources": "reference", "budget": "fca"}),
+    "holitom": ("holitom", {"tau": 0.0}),  # random tiny features are rarely static: a low tau makes windows
 }
 
 

@@ -24,6 +24,7 @@ from .budget import (
 from .dycoke import DyCoke
 from .fastvid import FastVID
 from .flashvid import FlashVID
+from .holitom import HoliTom
 from .sparsevlm import SparseVLM
 from .inllm import DyCokeDP, FastV, FixedRatioPrune, PDrop, PrunePoint, SampleLayout, select_top
 from .lftr import LFTR
@@ -179,6 +180,21 @@ register(
 
 register(
     MethodSpec(
+        name="holitom",
+        stage="pre-llm",
+        summary="HoliTom (pre-LLM): static windows by dynamic programming, static positions merged over time "
+        "and clustered, dynamic tokens by attention",
+        factory=HoliTom,
+        default_positions=PRESERVE,
+        reference_positions={"1d": "compact", "mrope": "preserve"},
+        budget_policies=(),
+        options=options_of(HoliTom),
+        reference="Shao et al., NeurIPS 2025 (arXiv 2505.21334)",
+    )
+)
+
+register(
+    MethodSpec(
         name="fastv",
         stage="in-llm",
         summary="FastV: after layer K-1, keep the visual tokens the last prompt token attends to most",
@@ -244,6 +260,7 @@ __all__ = [
     "DyCoke",
     "FlashVID",
     "FastVID",
+    "HoliTom",
     "FixedRatioPrune",
     "DyCokeDP",
     "SparseVLM",

@@ -67,7 +67,7 @@ def apportion(
     total: int,
     upper: torch.Tensor,
     priority: torch.Tensor | None = None,
-    lower: int = 1,
+    lower: int | torch.Tensor = 1,
 ) -> torch.Tensor:
     """Integer budgets ``k`` with ``Σk = total`` and ``lower ≤ k_t ≤ upper_t``, close to ``quotas``.
 
@@ -83,6 +83,7 @@ def apportion(
         total: the exact sum required; ``T·lower ≤ total ≤ Σ upper``.
         upper: ``[T]`` per-frame maxima (tokens available in each frame).
         priority: optional ``[T]`` tie-break values (larger wins).
+        lower: the per-frame minimum, one integer for all or ``[T]`` integers.
     Returns:
         ``[T]`` int64 budgets.
     """
@@ -91,9 +92,9 @@ def apportion(
     T = a.numel()
     if T == 0:
         raise InputError("cannot apportion a budget over zero frames")
-    lo = torch.full_like(a, float(lower))
-    if total < lower * T or total > int(hi.sum().item()):
-        raise InputError(f"budget {total} is outside [{lower * T}, {int(hi.sum().item())}] for {T} frames")
+    lo = lower.detach().to(torch.float64).clone() if isinstance(lower, torch.Tensor) else torch.full_like(a, float(lower))
+    if total < int(lo.sum().item()) or total > int(hi.sum().item()):
+        raise InputError(f"budget {total} is outside [{int(lo.sum().item())}, {int(hi.sum().item())}] for {T} frames")
     if float(a.sum()) <= 0.0:
         a = torch.ones_like(a)
     # 1. water-filling for lambda
