@@ -104,6 +104,19 @@ def test_paper_budget_identity(e, K, rho, L):
     assert layer_averaged_ratio(e, K, rho, L) == pytest.approx(1.0)
 
 
+def test_received_attention_comes_from_the_tower_when_given():
+    from tokensieve.methods.flashvid import attention_weights
+    from tokensieve.methods.signals import received_attention
+
+    x = torch.randn(2, 5, 4)
+    tower = torch.rand(2, 5)
+    assert torch.equal(attention_weights("received", x, SegmentContext(encoder_received=tower), "m"), tower)
+    assert torch.equal(attention_weights("received", x, None, "m"), received_attention(x))
+    assert torch.equal(attention_weights("features", x, SegmentContext(encoder_received=tower), "m"),
+                       received_attention(x))
+    torch.testing.assert_close(received_attention(x).sum(-1), torch.ones(2))
+
+
 def test_flashvid_identity_at_full_retain():
     x = torch.randn(5, 9, 8, generator=torch.Generator().manual_seed(3))
     sel = FlashVID().select(x, 1.0)
@@ -142,7 +155,8 @@ def test_flashvid_options_are_checked():
     with pytest.raises(InputError, match="encoder attention"):
         spec.create(attention="encoder").select(torch.randn(2, 4, 3), 0.5)
     assert spec.signals(spec.create(attention="encoder")) == (False, True)
-    assert spec.signals(spec.create()) == (False, False)
+    assert spec.signals(spec.create()) == (False, True)  # the tower's received attention where there is one
+    assert spec.signals(spec.create(attention="features")) == (False, False)
 
 
 # --- FastVID -------------------------------------------------------------------------------------
@@ -187,12 +201,12 @@ def test_fastvid_two_sources_give_point_two_each():
     torch.testing.assert_close(out[0], 0.6 * c + 0.2 * u + 0.2 * w)
 
 
-def test_fastvid_needs_encoder_attention_by_default():
+def test_fastvid_signals():
     spec = tokensieve.methods.get("fastvid")
     assert spec.signals(spec.create()) == (False, True)
     assert spec.signals(spec.create(attention="features")) == (False, False)
     with pytest.raises(InputError, match="encoder attention"):
-        spec.create().select(torch.randn(2, 4, 3), 0.5)
+        spec.create(attention="encoder").select(torch.randn(2, 4, 3), 0.5)
 
 
 # --- HoliTom -------------------------------------------------------------------------------------
@@ -248,11 +262,11 @@ def test_holitom_clusters_a_large_static_pool():
 def _selectors(variant: int, budget: str):
     return {
         "flashvid": FlashVID(adts=("v2", "v1")[variant % 2], budget=budget, min_segments=(8, 4, 1, 2)[variant],
-                             attention=("features", "encoder")[variant // 2 % 2]),
+                             attention=("received", "encoder")[variant // 2 % 2]),
         "fastvid": FastVID(budget=budget, merge=("video", "onevision")[variant % 2],
                            sources=("dropped", "reference")[variant // 2 % 2], segments=(8, 1, 3, 20)[variant]),
         "holitom": HoliTom(tau=(0.8, 0.65, 0.0, 0.95)[variant], max_window=(1024, 2, 3, 1024)[variant],
-                           attention=("features", "encoder")[variant % 2]),
+                           attention=("received", "encoder")[variant % 2]),
     }
 
 
@@ -274,7 +288,8 @@ def test_exact_totals_and_determinism(T, M, r, seed, method, budget, variant):
         x[T // 2:] = x[0]  # exact repeats: many ties
     if seed % 5 == 0:
         x = x + 3.0  # everything similar: trees link widely
-    ctx = SegmentContext(encoder_attention=torch.rand(T, M, generator=g))
+    ctx = SegmentContext(encoder_attention=torch.rand(T, M, generator=g),
+                         encoder_received=torch.rand(T, M, generator=g) if seed % 2 else None)
     selector = _selectors(variant, budget)[method]
     N = T * M
     sel = selector.select(x, r, ctx)

@@ -86,7 +86,8 @@ METHODS = {
     "flashvid": ("flashvid", {}),
     "flashvid-qwen-fca-encoder": ("flashvid", {"adts": "v1", "min_segments": 4, "budget": "fca", "attention": "encoder"}),
     "fastvid": ("fastvid", {}),
-    "fastvid-ov-reference-fca": ("fastvid", {"merge": "onevision", "sources": "reference", "budget": "fca"}),
+    "fastvid-ov-reference-fca-encoder": ("fastvid", {"merge": "onevision", "sources": "reference", "budget": "fca",
+                                                     "attention": "encoder"}),
     "holitom": ("holitom", {"tau": 0.0}),  # random tiny features are rarely static: a low tau makes windows
 }
 

@@ -85,7 +85,7 @@ def test_siglip_probe_attention_matches_the_pooling_head():
     with tokensieve.compress(model, "lftr", retain=0.25, temporal="off", spatial="topic"):
         model(**kw)
         st = tokensieve.stats(model)
-    assert st.encoder_signal == "siglip-probe"
+    assert st.encoder_signal == "siglip-probe+siglip-received"
     # the reference: the head's nn.MultiheadAttention weights, averaged over heads, resized like the features
     tower = model.model.vision_tower
     pv = kw["pixel_values_videos"][0]
@@ -108,6 +108,47 @@ def test_siglip_probe_attention_matches_the_pooling_head():
     alt = LFTR(temporal="off", spatial="topic").select(
         x, 0.25, SegmentContext(grid=seg.grid, encoder_attention=frame_mean_attention(x)))
     assert not torch.equal(alt.keep, sel.keep)
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_siglip_received_attention_is_the_towers_own(feature_layer):
+    """(The tiny tower has one layer: feature layer -2 is the patch embeddings, which no attention
+    made — then there is no received attention and the methods' stand-in is used.)"""
+    """LLaVA-OV videos carry the mean attention each patch receives in the tower layer that made
+    the features (heads and queries averaged), resized like the features: compared with the
+    eager tower's own attention maps, and with the choice FlashVID makes from them."""
+    model = build("llava-onevision", "eager")
+    model.config.vision_feature_layer = feature_layer
+    model.model.config.vision_feature_layer = feature_layer
+    kw = make_batch(model, "llava-onevision", [[("video", None)], [("video", None)]])
+    seen = capture_lm_inputs(model, kw)
+    with tokensieve.compress(model, "flashvid", retain=0.25):
+        model(**kw)
+        st = tokensieve.stats(model)
+    if feature_layer == -2:
+        assert st.encoder_signal == "frame-mean"
+        return
+    assert st.encoder_signal == "frame-mean+siglip-received"
+    tower = model.model.vision_tower
+    from tokensieve.methods import FlashVID, SegmentContext
+
+    for b in range(2):
+        pv = kw["pixel_values_videos"][b]
+        with torch.no_grad():
+            out = tower(pv, output_attentions=True, output_hidden_states=True)
+        layer = feature_layer % len(out.hidden_states)
+        w = out.attentions[layer - 1].mean(dim=(1, 2))  # [frames, N]
+        side = math.isqrt(w.shape[-1])
+        amap = torch.nn.functional.interpolate(w.view(-1, 1, side, side), size=[math.ceil(side / 2)] * 2,
+                                               mode="bilinear").flatten(1)
+        seg = st.segments[b][0]
+        T, H, W = seg.grid
+        content = (kw["input_ids"][b] == VIDEO).nonzero(as_tuple=True)[0][:-1]
+        x = seen["inputs_embeds"][b, content].view(T, H * W, -1)
+        sel = FlashVID().select(x, 0.25, SegmentContext(grid=seg.grid, encoder_received=amap.view(T, H * W)))
+        assert torch.equal(content[sel.keep], st.keep[b][torch.isin(st.keep[b], content)])
+        alt = FlashVID(attention="features").select(x, 0.25)
+        assert not torch.equal(alt.keep, sel.keep)
 
 
 def test_a_family_without_any_encoder_signal_gets_a_clear_error(qwen, monkeypatch):

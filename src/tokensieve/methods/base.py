@@ -58,6 +58,9 @@ class SegmentContext:
         encoder_attention: ``[T, M]`` non-negative importance of each token from the vision
             encoder (summary-token / pooling-probe attention, or a fallback the adapter
             documents); given only to methods with ``needs_encoder_attention``.
+        encoder_received: ``[T, M]`` mean attention each token receives in the vision tower's
+            last used layer (heads and queries averaged), where the adapter computes it (LLaVA-
+            OneVision's SigLIP); ``None`` elsewhere. Given with ``encoder_attention``.
     """
 
     modality: str = "video"
@@ -65,6 +68,7 @@ class SegmentContext:
     grid: tuple[int, int, int] | None = None
     text: torch.Tensor | None = None
     encoder_attention: torch.Tensor | None = None
+    encoder_received: torch.Tensor | None = None
 
 
 class Selector(Protocol):

@@ -25,11 +25,16 @@
 
 Salient and context tokens sit at their own indices; context tokens carry merged features.
 
-**Signals.** ``attention="encoder"`` (default) ranks by the adapter's encoder attention: on
-LLaVA-OneVision the SigLIP pooling-head probe when the tower has its head (the reference's
-signal), else the frame-mean stand-in (Qwen's reference uses the last ViT block's attention
-from the frame's mean query, the same idea on the tower's keys); ``"features"`` uses the
-received-attention stand-in. The reference's LLaVA frame descriptor is the probe's pooled
+**Signals.** The reference ranks LLaVA tokens by SigLIP's pooling-head probe attention, which
+it reloads from the original SigLIP checkpoint because LLaVA's tower drops the head (so do
+Hugging Face's LLaVA-OneVision checkpoints), and Qwen tokens by the last ViT block's attention
+from the frame's mean query. ``attention="received"`` (default) ranks by the attention each
+token receives in the tower's feature layer where the adapter computes it (LLaVA-OneVision),
+else by the same quantity on the features; ``"encoder"`` takes the adapter's summary signal —
+the probe when the tower keeps its head, else the frame-mean stand-in, which on both embedded
+models ranks background first (24% accuracy at retain 0.25 against 78% with ``"received"``,
+100 questions, ``benchmarks/quality/sota/README.md``); ``"features"`` the stand-in on the
+features. The reference's LLaVA frame descriptor is the probe's pooled
 output; here it is the frame mean of the features (the reference's Qwen descriptor).
 The reference's Qwen2.5-VL extras (frames of very static runs keep tokens only on the last
 frame; context per anchor capped at ``⌊M/2⌋``) are not reproduced.
@@ -44,7 +49,7 @@ import torch
 from .base import SegmentContext, Selection, check_segment, validate_choice
 from .budget import BUDGET_POLICIES, COUNT_RULES, frame_budget
 from .cluster import cosine, dpc_knn, segment_lengths, topk_det, transition_similarity
-from .flashvid import attention_weights
+from .flashvid import ATTENTION_SIGNALS, attention_weights
 
 
 def fastvid_plan(k: torch.Tensor, d: float, p: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -108,14 +113,14 @@ class FastVID:
     k: int = field(default=4, metadata={"range": "[1, inf)", "help": "neighbours of the DPC density"})
     merge: str = field(default="video", metadata={"help": "'video' (LLaVA-Video/Qwen reference) or 'onevision' (c among its sources)"})
     sources: str = field(default="dropped", metadata={"help": "merge sources: 'dropped' tokens or 'reference' (also other anchors' context)"})
-    attention: str = field(default="encoder", metadata={"help": "salience: 'encoder' (the adapter's signal) or 'features' (received-attention)"})
+    attention: str = field(default="received", metadata={"help": "salience: 'received' (the tower's, else on the tokens), 'encoder' (the adapter's summary signal) or 'features'"})
     budget: str = field(default="uniform", metadata={"help": "per-frame budget: 'uniform' (reference) or 'fca'"})
     count_rule: str = field(default="round", metadata={"help": "total count: 'round' r*N or 'floor' float32(r)*N"})
 
     def __post_init__(self) -> None:
         validate_choice("fastvid option merge", self.merge, ("video", "onevision"))
         validate_choice("fastvid option sources", self.sources, ("dropped", "reference"))
-        validate_choice("fastvid option attention", self.attention, ("encoder", "features"))
+        validate_choice("fastvid option attention", self.attention, ATTENTION_SIGNALS)
         validate_choice("fastvid option budget", self.budget, BUDGET_POLICIES)
         validate_choice("fastvid option count_rule", self.count_rule, COUNT_RULES)
 
@@ -125,7 +130,7 @@ class FastVID:
 
     @property
     def needs_encoder_attention(self) -> bool:
-        return self.attention == "encoder"
+        return self.attention != "features"
 
     def select(self, x: torch.Tensor, retain: float, context: SegmentContext | None = None) -> Selection:
         """Kept tokens of one video ``x`` ``[T, M, D]``; every kept token's feature in ``features``."""

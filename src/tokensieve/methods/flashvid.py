@@ -34,10 +34,12 @@ prompt token's attention at layer ``llm_layer − 1`` (head mean) keeps ``⌈ρ_
 LLM input, the library's count.
 
 **Attention signal.** The reference reads the attention each token receives in the vision
-tower's last layer (head and query mean). ``attention="features"`` (default) computes that
-quantity on the segment's own features (:func:`~tokensieve.methods.signals.received_attention`);
-``attention="encoder"`` takes the adapter's encoder signal (``context.encoder_attention``;
-negative values, e.g. the frame-mean logit stand-in, count as 0).
+tower's last layer (head and query mean). ``attention="received"`` (default) takes exactly that
+where the adapter computes it (``context.encoder_received``: LLaVA-OneVision's SigLIP) and
+otherwise the same quantity on the segment's own features
+(:func:`~tokensieve.methods.signals.received_attention`; Qwen and InternVL towers for now);
+``"features"`` always uses the latter; ``"encoder"`` takes the adapter's summary signal
+(``context.encoder_attention``; negative values, e.g. the frame-mean logit stand-in, count as 0).
 
 Reference defaults differ by family: LLaVA ``min_segments=8, adts="v2"``; Qwen2.5/3-VL
 ``min_segments=4, adts="v1"``. The method never knows the family, so the LLaVA constants are
@@ -130,12 +132,24 @@ def tree_merge(
     return roots, sums / counts.unsqueeze(-1)
 
 
+ATTENTION_SIGNALS = ("received", "features", "encoder")
+
+
 def attention_weights(mode: str, x: torch.Tensor, context: SegmentContext | None, method: str) -> torch.Tensor:
-    """``[T, M]`` per-token attention for the methods that weight or rank by it."""
+    """``[T, M]`` per-token attention for the methods that weight or rank by it.
+
+    ``"received"``: the tower's own received attention (``context.encoder_received``) where the
+    adapter gives it, else the same quantity on the features (:func:`received_attention`);
+    ``"features"``: always the latter; ``"encoder"``: the adapter's summary signal
+    (``context.encoder_attention``: a pooling-probe map or the frame-mean stand-in).
+    """
     T, M, _ = x.shape
-    if mode == "features":
+    if mode == "received" and context is not None and context.encoder_received is not None:
+        attn = context.encoder_received
+    elif mode in ("received", "features"):
         return received_attention(x)
-    attn = context.encoder_attention if context is not None else None
+    else:
+        attn = context.encoder_attention if context is not None else None
     if attn is None:
         raise InputError(f"method {method!r} with attention='encoder' needs the vision-encoder attention")
     if tuple(attn.shape) != (T, M):
@@ -152,7 +166,7 @@ class FlashVID:
     segment_threshold: float = field(default=0.9, metadata={"range": "[-1, 1]", "help": "frame-similarity below which a segment ends"})
     min_segments: int = field(default=8, metadata={"range": "[1, inf)", "help": "minimum number of segments (Qwen reference: 4)"})
     adts: str = field(default="v2", metadata={"help": "'v2' (attention x event relevance; LLaVA reference) or 'v1' (attention; Qwen reference)"})
-    attention: str = field(default="features", metadata={"help": "'features' (received-attention on the tokens) or 'encoder' (the adapter's signal)"})
+    attention: str = field(default="received", metadata={"help": "'received' (the tower's, else on the tokens), 'features' or 'encoder' (the adapter's summary signal)"})
     budget: str = field(default="uniform", metadata={"help": "per-frame budget: 'uniform' (reference) or 'fca'"})
     preset: str = field(default="exact", metadata={"help": "'exact' (r counts LLM-input tokens) or 'paper' (e=1.25 plus the in-LLM stage)"})
     expansion: float | None = field(default=None, metadata={"range": "[1, inf)", "help": "e: pre-LLM keeps r*e (None: 1 for 'exact', 1.25 for 'paper')"})
@@ -163,7 +177,7 @@ class FlashVID:
 
     def __post_init__(self) -> None:
         validate_choice("flashvid option adts", self.adts, ("v1", "v2"))
-        validate_choice("flashvid option attention", self.attention, ("features", "encoder"))
+        validate_choice("flashvid option attention", self.attention, ATTENTION_SIGNALS)
         validate_choice("flashvid option budget", self.budget, BUDGET_POLICIES)
         validate_choice("flashvid option preset", self.preset, PRESETS)
         validate_choice("flashvid option depth", self.depth, DEPTHS)
@@ -176,7 +190,7 @@ class FlashVID:
 
     @property
     def needs_encoder_attention(self) -> bool:
-        return self.attention == "encoder"
+        return self.attention != "features"
 
     @property
     def e(self) -> float:

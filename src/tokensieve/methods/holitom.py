@@ -25,8 +25,8 @@
    ``t``, then ``m``), each leaving its static mean — so ``r = 1`` is the identity.
 
 **Attention.** The reference ranks dynamic tokens by the attention each receives in the
-tower's last layer (head and query mean); ``attention="features"`` (default) computes that
-quantity on the segment's features, ``"encoder"`` takes the adapter's signal.
+tower's last layer (head and query mean): ``attention="received"`` (default) as FlashVID
+(:func:`~tokensieve.methods.flashvid.attention_weights`).
 
 The reference's inner stage (merging half of the visual tokens into their most similar kept
 ones inside the LLM at layer 18) is not part of this method yet; ``retain`` counts the tokens
@@ -43,7 +43,7 @@ import torch
 from .base import SegmentContext, Selection, check_segment, validate_choice
 from .budget import COUNT_RULES, apportion, retained_count
 from .cluster import dpc_knn, topk_det, unit
-from .flashvid import attention_weights
+from .flashvid import ATTENTION_SIGNALS, attention_weights
 
 
 def static_windows(sim: torch.Tensor, tau: float, max_window: int = 1024) -> tuple[list[tuple[int, int]], int]:
@@ -83,11 +83,11 @@ class HoliTom:
     beta: float = field(default=0.6, metadata={"range": "[0, 1]", "help": "weight of a cluster centre's own feature in the merge"})
     k: int = field(default=7, metadata={"range": "[1, inf)", "help": "neighbours of the DPC density (capped at the cluster count)"})
     max_window: int = field(default=1024, metadata={"range": "[2, inf)", "help": "longest static window, in frames"})
-    attention: str = field(default="features", metadata={"help": "dynamic ranking: 'features' (received-attention) or 'encoder' (the adapter's signal)"})
+    attention: str = field(default="received", metadata={"help": "dynamic ranking: 'received' (the tower's, else on the tokens), 'features' or 'encoder'"})
     count_rule: str = field(default="round", metadata={"help": "total count: 'round' r*N or 'floor' float32(r)*N"})
 
     def __post_init__(self) -> None:
-        validate_choice("holitom option attention", self.attention, ("features", "encoder"))
+        validate_choice("holitom option attention", self.attention, ATTENTION_SIGNALS)
         validate_choice("holitom option count_rule", self.count_rule, COUNT_RULES)
 
     @property
@@ -96,7 +96,7 @@ class HoliTom:
 
     @property
     def needs_encoder_attention(self) -> bool:
-        return self.attention == "encoder"
+        return self.attention != "features"
 
     def select(self, x: torch.Tensor, retain: float, context: SegmentContext | None = None) -> Selection:
         """Kept tokens of one video ``x`` ``[T, M, D]``; every kept token's feature in ``features``."""

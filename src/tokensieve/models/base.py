@@ -32,6 +32,9 @@ class Segment:
         encoder_attention: optional ``[T, M]`` vision-encoder importance of each content token
             (e.g. SigLIP pooling-probe attention mapped onto the token grid); computed only when
             a method asks for it and the encoder has such a signal.
+        encoder_received: optional ``[T, M]`` mean attention each content token receives in the
+            vision tower's last used layer (heads and queries averaged), mapped onto the token
+            grid like the features; computed with ``encoder_attention`` where the adapter can.
     """
 
     sample: int
@@ -42,6 +45,7 @@ class Segment:
     structural: torch.Tensor
     temporal_patch: int = 1
     encoder_attention: torch.Tensor | None = None
+    encoder_received: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:

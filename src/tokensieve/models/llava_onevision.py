@@ -66,8 +66,19 @@ class LlavaOnevisionAdapter(Adapter):
                 return_dict=True,
                 **feat_kwargs,
             )
+        received_input: tuple[Any, torch.Tensor] | None = None
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
-            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+            block = _feature_block(inner, feat_kwargs["vision_feature_layer"]) if encoder_attention else None
+            seen: list[torch.Tensor] = []
+            hook = (block.register_forward_pre_hook(lambda _m, args, kw: seen.append((args or (kw["hidden_states"],))[0]),
+                                                    with_kwargs=True) if block is not None else None)
+            try:
+                enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if block is not None and len(seen) == 1:  # the layer's input: its attention is re-run below
+                received_input = (block, seen[0])
         # token embeddings after the vision encoder: they are not held while it peaks
         embeds = inner.get_input_embeddings()(input_ids)
         if enc.get("image") is not None:
@@ -85,10 +96,12 @@ class LlavaOnevisionAdapter(Adapter):
                 per_sample[b].append((int(pos[0]), Segment(b, 0, "image", grid, content, structural)))
 
         probe_maps: list[torch.Tensor | None] = []
+        received_maps: list[torch.Tensor | None] = []
         if enc.get("video") is not None:
             pooled = enc["video"].pooler_output  # [V, T*M + 1, D]
             if encoder_attention:
                 probe_maps = _video_probe_attention(inner, enc["video"], kwargs, pooled.shape[0])
+                received_maps = _video_received_attention(inner, received_input, kwargs, pooled.shape[0])
             pv = kwargs.get("pixel_values_videos")
             frames = int(pv.shape[1]) if pv is not None else None
             feats = [pooled[i].to(embeds.device, embeds.dtype) for i in range(pooled.shape[0])]
@@ -106,6 +119,8 @@ class LlavaOnevisionAdapter(Adapter):
                 seg = Segment(b, 0, "video", grid, pos[:-1], pos[-1:])
                 if probe_maps and probe_maps[len(per_sample_videos)] is not None:
                     seg.encoder_attention = probe_maps[len(per_sample_videos)].reshape(T, M)
+                if received_maps and received_maps[len(per_sample_videos)] is not None:
+                    seg.encoder_received = received_maps[len(per_sample_videos)].reshape(T, M)
                 per_sample_videos.append(seg)
                 per_sample[b].append((int(pos[0]), seg))
 
@@ -118,6 +133,7 @@ class LlavaOnevisionAdapter(Adapter):
             segments=segments,
             style=self.style,
             encoder_signal=("siglip-probe" if any(m is not None for m in probe_maps) else "frame-mean")
+            + ("+siglip-received" if any(m is not None for m in received_maps) else "")
             if encoder_attention
             else "",
         )
@@ -206,11 +222,74 @@ def _video_probe_attention(inner: Any, outputs: Any, kwargs: dict[str, Any], num
         k = k.view(hidden.shape[0], hidden.shape[1], H, D // H)
         logits = torch.einsum("hd,fnhd->fhn", q, k) / math.sqrt(D // H)
         amap = logits.softmax(-1).mean(1)  # [frames, N]
-        side = math.isqrt(amap.shape[-1])
-        amap = amap.view(-1, 1, side, side)
-        amap = torch.nn.functional.interpolate(amap, size=[math.ceil(side / 2)] * 2, mode="bilinear")
-        amap = amap.flatten(1)
+    return _pooled_per_video(amap, num_videos)
+
+
+def _pooled_per_video(amap: torch.Tensor, num_videos: int) -> list[torch.Tensor]:
+    """A per-frame patch map ``[frames, side²]`` resized like the features (bilinear to
+    ``⌈side/2⌉``, as ``apply_pooling``), one ``[T·M]`` map per video."""
+    side = math.isqrt(amap.shape[-1])
+    amap = amap.view(-1, 1, side, side)
+    amap = torch.nn.functional.interpolate(amap, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+    amap = amap.flatten(1)
     return list(amap.view(num_videos, -1, amap.shape[-1]).unbind(0))
+
+
+#: frames per chunk when recomputing a tower layer's attention (bounds the [f, H, N, N] maps)
+RECEIVED_CHUNK = 4
+
+
+def _feature_block(inner: Any, layer: Any) -> Any:
+    """The SigLIP encoder layer whose output is the selected feature layer (``None`` if there is
+    no single one: a list of feature layers, or the embeddings themselves)."""
+    if layer is None:
+        layer = inner.config.vision_feature_layer
+    tower = getattr(inner, "vision_tower", None)
+    encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None or not isinstance(layer, int) or isinstance(layer, bool):
+        return None
+    idx = layer % (len(layers) + 1)  # hidden state idx is the output of layer idx - 1
+    return layers[idx - 1] if idx > 0 else None
+
+
+#: frames per chunk when recomputing a tower layer's attention (bounds the [f, H, N, N] maps)
+RECEIVED_CHUNK = 4
+
+
+def _video_received_attention(inner: Any, captured: tuple[Any, torch.Tensor] | None, kwargs: dict[str, Any],
+                              num_videos: int) -> list[Any]:
+    """Mean attention each patch receives in the vision tower's feature layer, per video frame,
+    on the pooled token grid (``specs/sota.md``'s U3, read by FlashVID and HoliTom).
+
+    ``captured`` is that layer and its input (caught by a pre-hook while the tower ran); its
+    attention is re-run for the probabilities only:
+    ``a[m] = mean_{h, i} softmax_j(q_{h,i}·k_{h,j}·scale)[m]`` with the layer's own
+    ``layer_norm1``, query and key projections, a few frames at a time. Returns one ``[T·M]`` map
+    per video, or ``None`` entries when nothing was captured (features given by the caller, a
+    list of feature layers): methods then use their documented stand-in.
+    """
+    if captured is None or kwargs.get("pixel_values_videos") is None:
+        return [None] * num_videos
+    block, hidden = captured
+    attn = block.self_attn
+    H, d = attn.num_heads, attn.head_dim
+    maps = []
+    with torch.no_grad():
+        for chunk in hidden.split(RECEIVED_CHUNK):
+            f, N, _ = chunk.shape
+            x = block.layer_norm1(chunk)
+            q = attn.q_proj(x).float().view(f, N, H, d).transpose(1, 2)
+            k = attn.k_proj(x).float().view(f, N, H, d).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # [f, H, N, N]
+            maps.append(probs.mean(dim=(1, 2)))
+    amap = torch.cat(maps)
+    strategy = kwargs.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
+    if strategy == "default":
+        amap = amap[:, 1:]
+    if math.isqrt(amap.shape[-1]) ** 2 != amap.shape[-1]:
+        return [None] * num_videos
+    return _pooled_per_video(amap, num_videos)
 
 
 def _infer_frames(n_content: int, cfg: Any) -> int:

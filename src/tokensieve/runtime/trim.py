@@ -204,7 +204,8 @@ def select_segment(
         if want_attention:
             attention = seg.encoder_attention if seg.encoder_attention is not None else frame_mean_attention(x)
         context = SegmentContext(
-            modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid, text=text, encoder_attention=attention
+            modality=seg.modality, ordinal=seg.ordinal, grid=seg.grid, text=text, encoder_attention=attention,
+            encoder_received=seg.encoder_received if want_attention else None,
         )
         sel = selector.select(x, retain, context)
     return sel, (time.perf_counter() - start) * 1000.0
