@@ -98,8 +98,18 @@ def deepstack_add(h, m, origin, seen, idx):
 
 
 @torch.no_grad()
+def sequential_merge(kept, dropped):
+    """HoliTom's inner merge as its paper states it: each dropped token, in sequence order, is
+    averaged into its most cosine-similar kept token, one pair at a time."""
+    kept = kept.clone()
+    sim = torch.nn.functional.normalize(dropped.float(), dim=-1) @ torch.nn.functional.normalize(kept.float(), dim=-1).T
+    for i, j in enumerate(sim.argmax(-1).tolist()):
+        kept[j] = (kept[j] + dropped[i]) / 2
+    return kept
+
+
 def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_prompt, dp=None, dp_hist=None,
-                     seen=None):
+                     seen=None, absorb=None):
     """Last-position logits of the full sequence (prompt + appended tokens), layer by layer.
     Linear-attention layers (Qwen3.5) take the 2-D padding mask; Qwen3-VL's DeepStack levels are
     added after their layers to the visual rows still present (``seen``: the unpatched inputs)."""
@@ -134,6 +144,12 @@ def reference_logits(model, emb, mask, rot, text, visual, record, positions, n_p
                 is_vis = torch.isin(origin[b], vis_sets[b])
                 keep = (m[b].bool() & (~is_vis | torch.isin(origin[b], kept))).nonzero(as_tuple=True)[0]
                 hb, ob = h[b, keep], origin[b, keep]
+                if absorb is not None:
+                    gone = (m[b].bool() & is_vis & ~torch.isin(origin[b], kept)).nonzero(as_tuple=True)[0]
+                    stay = torch.isin(ob, kept)
+                    if gone.numel():
+                        hb = hb.clone()
+                        hb[stay] = absorb(hb[stay], h[b, gone])
                 rb = rot[:, b, keep] if rot.dim() == 3 else rot[b, keep]
                 recycled = record.recycled[b][point_idx]
                 if recycled is not None:  # merged tokens go right after the last kept visual token
@@ -250,17 +266,28 @@ def test_inllm_matches_layer_by_layer_reference(models, arch, attn, batch, metho
     assert v_out[-1] < v_out[0] or v_out[-1] < st.inllm.v_in[0][0]  # something was pruned
 
 
+TWO_STAGE = {
+    "flashvid-paper": ("flashvid", {"preset": "paper", "llm_layer": 2}, lambda V: math.ceil(0.3 * V), None),
+    "holitom-inner": ("holitom", {"inner": True, "inner_layer": 2, "tau": 0.0}, lambda V: round(0.5 * V),
+                      sequential_merge),
+}
+
+
+@pytest.mark.parametrize("method", list(TWO_STAGE))
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if a not in ("qwen3-vl", "qwen3.5")])
-def test_pre_llm_method_with_an_in_llm_stage_matches_reference(models, arch, batch):
-    """FlashVID's paper preset: its pre-LLM selection (merged features included), then the unpatched
-    layers by hand on the kept tokens with their original positions, pruned after layer 1 as recorded."""
+def test_pre_llm_method_with_an_in_llm_stage_matches_reference(models, arch, batch, method):
+    """FlashVID's paper preset and HoliTom with its inner merge: the pre-LLM selection (merged
+    features included), then the unpatched layers by hand on the kept tokens with their original
+    positions, pruned after layer 1 as recorded (HoliTom: the dropped tokens merged by the test's
+    own pairwise loop)."""
+    name, options, kept_count, absorb = TWO_STAGE[method]
     model = models(arch, "sdpa")
     mrope = arch in MROPE_ARCHS
     kw = make_batch(model, arch, samples_for(arch, batch))
     seen = capture_lm_inputs(model, kw)
     full_rot = seen["position_ids"] if mrope else full_positions_1d(kw["attention_mask"])
-    with tokensieve.compress(model, "flashvid", retain=0.3, preset="paper", llm_layer=2) as handle:
+    with tokensieve.compress(model, name, retain=0.3, **options) as handle:
         out = model.generate(**kw, max_new_tokens=N_NEW, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
         st = tokensieve.stats(model)
@@ -272,9 +299,9 @@ def test_pre_llm_method_with_an_in_llm_stage_matches_reference(models, arch, bat
     visual = [torch.isin(st.keep[b], full_vis[b]).nonzero(as_tuple=True)[0] + Lp - st.keep[b].numel()
               for b in range(mask.shape[0])]
     record = st.inllm
-    for b in range(mask.shape[0]):  # the in-LLM stage keeps ceil(0.3 V) of what the pre-LLM stage kept
+    for b in range(mask.shape[0]):  # the in-LLM stage keeps its share of what the pre-LLM stage kept
         V = visual[b].numel()
-        assert record.v_in[b][0] == V and record.v_out[b][1] == math.ceil(0.3 * V)
+        assert record.v_in[b][0] == V and record.v_out[b][1] == kept_count(V)
     text = full_positions_1d(mask)
     L = kw["input_ids"].shape[1]
     new = out.sequences[:, L:]
@@ -282,7 +309,8 @@ def test_pre_llm_method_with_an_in_llm_stage_matches_reference(models, arch, bat
     for t in range(N_NEW):
         e = torch.cat([emb, lm.embed_tokens(new[:, :t])], 1)
         r, tx, m = extend(rot, text if mrope else None, mask, t)
-        want = reference_logits(model, e, m, r, tx if mrope else r, visual, record, handle.positions, Lp)
+        want = reference_logits(model, e, m, r, tx if mrope else r, visual, record, handle.positions, Lp,
+                                absorb=absorb)
         torch.testing.assert_close(out.logits[t], want, rtol=1e-4, atol=1e-4)
         assert torch.equal(new[:, t], want.argmax(-1))
 

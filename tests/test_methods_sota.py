@@ -249,6 +249,22 @@ def test_holitom_restores_static_duplicates_when_the_budget_allows():
     assert torch.equal(full.keep, torch.arange(8)) and torch.equal(full.features, x.reshape(8, 4))
 
 
+def test_holitom_inner_merge_closed_form():
+    from tokensieve.methods.inllm import MergePrune
+
+    h, x1, x2 = torch.tensor([[4.0, 0.0]]), torch.tensor([1.0, 0.1]), torch.tensor([2.0, -0.1])
+    out = MergePrune().merge_dropped(h, torch.stack([x1, x2]))
+    torch.testing.assert_close(out[0], h[0] / 4 + x1 / 4 + x2 / 2)
+    mean = MergePrune(op="mean").merge_dropped(h, torch.stack([x1, x2]))
+    torch.testing.assert_close(mean[0], (h[0] + x1 + x2) / 3)
+    kept = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = MergePrune().merge_dropped(kept, torch.tensor([[0.0, 2.0], [3.0, 0.1], [0.1, 4.0]]))
+    torch.testing.assert_close(out, torch.tensor([[0.5 + 1.5, 0.05], [0.05, 0.25 + 0.5 + 2.0]]))
+    assert [p.keep for p in MergePrune().plan(5, 28, 1.0)] == [2]  # round(2.5) half-to-even, as the reference
+    stage = HoliTom(inner=True).llm_stage()
+    assert (stage.layer, stage.ratio) == (18, 0.5) and HoliTom().llm_stage() is None
+
+
 def test_holitom_clusters_a_large_static_pool():
     g = torch.Generator().manual_seed(0)
     frame = torch.randn(12, 6, generator=g)

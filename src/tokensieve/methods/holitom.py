@@ -28,14 +28,17 @@
 tower's last layer (head and query mean): ``attention="received"`` (default) as FlashVID
 (:func:`~tokensieve.methods.flashvid.attention_weights`).
 
-The reference's inner stage (merging half of the visual tokens into their most similar kept
-ones inside the LLM at layer 18) is not part of this method yet; ``retain`` counts the tokens
-that enter the LLM. Scripts use ``tau = 0.65`` at ``r = 0.10`` and 0.8 (the default) at
+**Inner stage** (``inner=True``, the reference's full method): before decoder layer
+``inner_layer`` (18) the last prompt token's attention keeps ``round(V·(1 − inner_ratio))``
+(half) of the visual tokens and every other one merges into its most similar kept token
+(:class:`~tokensieve.methods.inllm.MergePrune`). By default (``inner=False``) ``retain`` counts
+exactly the tokens that enter the LLM and nothing happens inside it. Scripts use ``tau = 0.65`` at ``r = 0.10`` and 0.8 (the default) at
 0.15–0.25.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +47,9 @@ from .base import SegmentContext, Selection, check_segment, validate_choice
 from .budget import COUNT_RULES, apportion, retained_count
 from .cluster import dpc_knn, topk_det, unit
 from .flashvid import ATTENTION_SIGNALS, attention_weights
+from .inllm import DEPTHS, MERGE_OPS, MergePrune, scaled_layers
+
+HOLITOM_REF_DEPTH = 28  # LLaVA-OV-7B's Qwen2-7B (HoliTom arXiv 2505.21334: inner merge before layer 18)
 
 
 def static_windows(sim: torch.Tensor, tau: float, max_window: int = 1024) -> tuple[list[tuple[int, int]], int]:
@@ -85,9 +91,16 @@ class HoliTom:
     max_window: int = field(default=1024, metadata={"range": "[2, inf)", "help": "longest static window, in frames"})
     attention: str = field(default="received", metadata={"help": "dynamic ranking: 'received' (the tower's, else on the tokens), 'features' or 'encoder'"})
     count_rule: str = field(default="round", metadata={"help": "total count: 'round' r*N or 'floor' float32(r)*N"})
+    inner: bool = field(default=False, metadata={"help": "add the inner stage: merge visual tokens inside the LLM"})
+    inner_layer: int = field(default=18, metadata={"range": "[1, inf)", "help": "inner stage: first decoder layer that sees the merged tokens"})
+    inner_ratio: float = field(default=0.5, metadata={"range": "[0, 1)", "help": "inner stage: share of visual tokens merged away"})
+    inner_op: str = field(default="sequential", metadata={"help": "inner merge: 'sequential' (reference pairwise averages) or 'mean'"})
+    depth: str = field(default="published", metadata={"help": "'published' (inner_layer as given) or 'scaled' (given for 28 layers)"})
 
     def __post_init__(self) -> None:
         validate_choice("holitom option attention", self.attention, ATTENTION_SIGNALS)
+        validate_choice("holitom option inner_op", self.inner_op, MERGE_OPS)
+        validate_choice("holitom option depth", self.depth, DEPTHS)
         validate_choice("holitom option count_rule", self.count_rule, COUNT_RULES)
 
     @property
@@ -97,6 +110,18 @@ class HoliTom:
     @property
     def needs_encoder_attention(self) -> bool:
         return self.attention != "features"
+
+    def llm_stage(self) -> MergePrune | None:
+        """The inner stage (``inner=True``), or ``None``."""
+        if not self.inner:
+            return None
+        return MergePrune(name="holitom", layer=self.inner_layer, ratio=self.inner_ratio, op=self.inner_op)
+
+    def for_depth(self, num_layers: int) -> "HoliTom":
+        if self.depth == "published":
+            return self
+        (k,) = scaled_layers((self.inner_layer,), num_layers, HOLITOM_REF_DEPTH, low=1)
+        return dataclasses.replace(self, inner_layer=k, depth="published")
 
     def select(self, x: torch.Tensor, retain: float, context: SegmentContext | None = None) -> Selection:
         """Kept tokens of one video ``x`` ``[T, M, D]``; every kept token's feature in ``features``."""

@@ -452,6 +452,68 @@ class FixedRatioPrune(InLLMMethod):
         return head_mean_rows(attn, ctx.layout.visual)
 
 
+MERGE_OPS = ("sequential", "mean")
+
+
+@dataclass
+class MergePrune(InLLMMethod):
+    """HoliTom's inner stage (arXiv 2505.21334 §3.3): before decoder layer ``layer``, keep the
+    ``round(V·(1 − ratio))`` visual tokens the last prompt token attends to most at layer
+    ``layer − 1`` (head mean; Python's half-to-even ``round``, as the reference), and merge every
+    other visual token into its most cosine-similar kept one (:meth:`merge_dropped`)."""
+
+    name: str = "holitom"
+    layer: int = 18
+    ratio: float = 0.5
+    op: str = "sequential"
+
+    stage = "in-llm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise InputError(f"{self.name} option inner_layer must be an integer >= 1, got {self.layer!r}")
+        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
+            raise InputError(f"{self.name} option inner_ratio must be in [0, 1), got {self.ratio!r}")
+        validate_choice(f"{self.name} option inner_op", self.op, MERGE_OPS)
+
+    def check_depth(self, num_layers: int) -> None:
+        check_layers(f"{self.name} inner_layer", (self.layer,), num_layers)
+
+    def plan(self, num_visual: int, num_layers: int, retain: float) -> list[PrunePoint]:
+        keep = max(1, min(num_visual, round(num_visual * (1 - self.ratio))))
+        return [PrunePoint(self.layer - 1, keep, "self")]
+
+    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
+        return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
+
+    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+        return head_mean_rows(attn, ctx.layout.visual)
+
+    def merge_dropped(self, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """New states ``[k, D]`` of the kept tokens ``kept`` ``[k, D]`` after absorbing ``dropped``
+        ``[n, D]`` (sequence order). Each dropped token goes to its most cosine-similar kept token
+        (ties to the earlier one). ``op="sequential"`` is the reference's in-place pairwise
+        average in sequence order, ``h ← (h + x_j)/2`` — in closed form
+        ``h·2^{−n} + Σ_i x_{j_i}·2^{−(n−i+1)}``; ``op="mean"`` averages ``h`` and its tokens."""
+        if dropped.shape[0] == 0:
+            return kept
+        kf, df = kept.float(), dropped.float()
+        ku = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        du = df / df.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        assign = (du @ ku.T).argmax(dim=-1)  # first maximum: the earlier kept token
+        k = kf.shape[0]
+        onehot = torch.nn.functional.one_hot(assign, k).to(torch.float64)  # [n, k]
+        n = onehot.sum(0)  # tokens per kept one
+        if self.op == "mean":
+            out = (kf.double() + onehot.T @ df.double()) / (n + 1).unsqueeze(-1)
+            return out.to(kept.dtype)
+        later = onehot.flip(0).cumsum(0).flip(0) - onehot  # dropped tokens after j in j's group
+        r = (later * onehot).sum(-1)  # [n]
+        w = torch.pow(2.0, -(r + 1))
+        out = kf.double() * torch.pow(2.0, -n).unsqueeze(-1) + onehot.T @ (w.unsqueeze(-1) * df.double())
+        return out.to(kept.dtype)
+
+
 @dataclass
 class DyCokeDP:
     """DyCoke stage 2: dynamic pruning of the visual KV cache while decoding.

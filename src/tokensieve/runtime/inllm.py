@@ -493,6 +493,10 @@ def _prune(method: Any, state: Any, h: torch.Tensor, mask: torch.Tensor, positio
                     merged = None
         # assemble the new row: tokens in order, recycled ones right after the last kept visual token
         seq_h = h[b, idx]
+        absorb = getattr(method, "merge_dropped", None) if p is not None and attn[b] is not None else None
+        if absorb is not None and bool(drop.any()):  # the dropped tokens merge into the kept ones (HoliTom)
+            seq_h = seq_h.clone()
+            seq_h[torch.isin(idx, keep_vis)] = absorb(h[b, keep_vis], h[b, lay.visual[drop]])
         seq_pos = rotary[:, b, idx] if mrope else rotary[b, idx]
         seq_origin = origin[b][idx]
         new_visual_flags = torch.isin(idx, keep_vis)

@@ -23,11 +23,13 @@ from typing import Any, Sequence
 
 __all__ = ["add_arguments", "kept_by_frame", "run", "run_demo"]
 
-#: The three seed methods and the strongest peers of the quality bench, with random as the floor.
+#: The three seed methods, the 2025–26 video methods (FlashVID, FastVID, HoliTom) and the strongest
+#: peers of the quality bench, with random as the floor.
 #: SparseVLM is counted as its paper counts (``equivalent="output"``, the visual tokens leaving
 #: each layer): by the input count its first pruning layer (1 of 16) already puts 0.1 out of
 #: reach; the tables show the input count (``eq``) for every in-LLM method all the same.
-DEFAULT_METHODS = ("vidcom2", "lftr", "sparsevlm:equivalent=output", "fastv", "dycoke", "visionzip", "random")
+DEFAULT_METHODS = ("vidcom2", "lftr", "sparsevlm:equivalent=output", "flashvid", "fastvid", "holitom", "fastv", "dycoke",
+                   "visionzip", "random")
 DEFAULT_RETAINS = (0.25, 0.1)
 DEFAULT_MODELS = ("embedded", "embedded-qwen2-vl")
 
