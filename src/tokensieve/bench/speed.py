@@ -7,7 +7,7 @@ worker the model is built from a built-in shape (random weights) or loaded from 
 one video of ``frames`` frames is prepared, and one ``generate`` call is timed with hooks:
 
 * vision encoder: the tower's forward (LLaVA ``vision_tower``, Qwen ``visual``);
-* scoring: tokensieve's own time (segment scoring, plus in-LLM row attention and pruning);
+* scoring: tokensieve's own time (segment scoring, the encoder signals it computes for it, plus in-LLM row attention and pruning);
 * LLM prefill: the language model's first forward (for pre-LLM methods after pruning);
 * decode: mean of the language model's later forwards (ms per new token);
 * end to end: the whole ``generate``;
@@ -275,7 +275,8 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         result["peak_rise_mb"] = max(0.0, _rss_mb() - rss_before)
     if handle is not None:
         st = tokensieve.stats(model)
-        score = st.score_ms + (st.inllm.score_ms if st.inllm is not None else 0.0)
+        # scoring: the selection, the encoder signals computed for it, the in-LLM ranking
+        score = st.score_ms + st.signal_ms + (st.inllm.score_ms if st.inllm is not None else 0.0)
         result["score_ms"] = score
         result["visual_kept"] = st.tokens_after
         flops = st.prefill_flops(0)

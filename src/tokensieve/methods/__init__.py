@@ -154,6 +154,7 @@ register(
         summary="FlashVID: segments, attention-and-diversity picks per frame, temporal tree merging, DPC clustering "
         "(preset='paper': plus its in-LLM stage)",
         factory=FlashVID,
+        needs_encoder_attention=True,
         default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=("uniform", "fca"),
@@ -182,9 +183,10 @@ register(
     MethodSpec(
         name="holitom",
         stage="pre-llm",
-        summary="HoliTom (pre-LLM): static windows by dynamic programming, static positions merged over time "
-        "and clustered, dynamic tokens by attention",
+        summary="HoliTom: static windows by dynamic programming, static positions merged over time "
+        "and clustered, dynamic tokens by attention (inner=True: plus its in-LLM merge)",
         factory=HoliTom,
+        needs_encoder_attention=True,
         default_positions=PRESERVE,
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=(),

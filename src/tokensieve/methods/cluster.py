@@ -75,6 +75,17 @@ def segment_lengths(
     return torch.diff(ends, prepend=torch.tensor([-1], dtype=torch.int64))
 
 
+def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances ``[N, N]`` between the rows of ``x`` ``[N, D]``: Gram form in float64
+    (``‖a‖² + ‖b‖² − 2a·b``, clamped at 0), symmetric, zero on the diagonal."""
+    xd = x.double()
+    sq = (xd * xd).sum(-1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (xd @ xd.T)).clamp_min(0.0)
+    d2 = (d2 + d2.T) / 2
+    d2.fill_diagonal_(0.0)
+    return d2.sqrt()
+
+
 def dpc_knn(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering of the rows of ``x`` ``[N, D]`` into ``num_clusters`` clusters.
 
@@ -92,10 +103,9 @@ def dpc_knn(x: torch.Tensor, num_clusters: int, k: int) -> tuple[torch.Tensor, t
     N, D = x.shape
     if not 1 <= num_clusters <= N:
         raise InputError(f"dpc_knn: cannot make {num_clusters} clusters of {N} rows")
-    xf = x.float()
-    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(D)
+    dist = pairwise_distance(x) / math.sqrt(D)
     kk = max(1, min(int(k), N))
-    near = torch.sort(dist, dim=-1).values[:, :kk]
+    near = torch.topk(dist, kk, dim=-1, largest=False).values  # values only: ties do not matter
     rho = torch.exp(-(near**2).mean(-1))
     idx = torch.arange(N)
     denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))

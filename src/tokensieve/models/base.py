@@ -72,6 +72,8 @@ class Prepared:
     style: str
     rest: dict[str, Any] = field(default_factory=dict)
     encoder_signal: str = ""
+    #: time spent computing the encoder signals (probe / received attention), ms
+    signal_ms: float = 0.0
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:

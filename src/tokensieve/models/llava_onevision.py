@@ -21,6 +21,7 @@ Positions are 1-D.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ class LlavaOnevisionAdapter(Adapter):
                 **feat_kwargs,
             )
         received_input: tuple[Any, torch.Tensor] | None = None
+        signal_ms = 0.0
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
             block = _feature_block(inner, feat_kwargs["vision_feature_layer"]) if encoder_attention else None
             seen: list[torch.Tensor] = []
@@ -100,8 +102,10 @@ class LlavaOnevisionAdapter(Adapter):
         if enc.get("video") is not None:
             pooled = enc["video"].pooler_output  # [V, T*M + 1, D]
             if encoder_attention:
+                began = time.perf_counter()
                 probe_maps = _video_probe_attention(inner, enc["video"], kwargs, pooled.shape[0])
                 received_maps = _video_received_attention(inner, received_input, kwargs, pooled.shape[0])
+                signal_ms = (time.perf_counter() - began) * 1000.0
             pv = kwargs.get("pixel_values_videos")
             frames = int(pv.shape[1]) if pv is not None else None
             feats = [pooled[i].to(embeds.device, embeds.dtype) for i in range(pooled.shape[0])]
@@ -136,6 +140,7 @@ class LlavaOnevisionAdapter(Adapter):
             + ("+siglip-received" if any(m is not None for m in received_maps) else "")
             if encoder_attention
             else "",
+            signal_ms=signal_ms,
         )
 
 

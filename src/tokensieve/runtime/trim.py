@@ -76,6 +76,8 @@ class TrimStats:
     #: per sample, the sequence positions read as the question (methods that use text)
     question: list[torch.Tensor] | None = field(default=None, repr=False)
     encoder_signal: str = ""
+    #: time the adapter spent computing encoder signals for the methods (ms; not in ``score_ms``)
+    signal_ms: float = 0.0
     #: in-LLM methods: per-layer visual counts and kept tokens (set when the prefill has run)
     inllm: Any = field(default=None, repr=False)
     #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
@@ -118,6 +120,7 @@ class TrimStats:
             "score_ms": round(self.score_ms, 4),
             "trim_ms": round(self.total_ms, 4),
             "encoder_signal": self.encoder_signal or None,
+            "signal_ms": round(self.signal_ms, 4),
             "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
             "samples": [self._sample_dict(b) for b in range(len(self.segments))],
         }
@@ -305,7 +308,7 @@ def trim(
         return TrimStats(method=method_name, retain=retain, positions=positions, segments=seg_stats,
                          seq_before=seq_before, seq_after=lengths, keep=keeps, emitted=emitted,
                          total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
-                         question=questions, encoder_signal=prepared.encoder_signal,
+                         question=questions, encoder_signal=prepared.encoder_signal, signal_ms=prepared.signal_ms,
                          attention_mask=new_mask, position_ids=new_pos)
 
     if identity:  # nothing removed (e.g. in-LLM methods decide later): no copy of the inputs
