@@ -259,6 +259,50 @@ class PDrop(InLLMMethod):''',
         "        stream.width, stream.height = int(array.shape[2]) + 2, int(array.shape[1])",
         ("tests/test_lmms_eval.py::test_written_task_round_trips_the_frames",),
     ),
+    Mutant(
+        "flashvid-adts-repeats", "ADTS may pick a token twice (no mask on the picks)", "methods/flashvid.py",
+        "        s = nearest.masked_fill(taken, -float(\"inf\"))",
+        "        s = nearest.clone()",
+        ("tests/test_methods_sota.py",),
+    ),
+    Mutant(
+        "flashvid-tree-links-below", "tree links are made below the threshold, not above", "methods/flashvid.py",
+        "    linked = link > threshold",
+        "    linked = (link < threshold) & (link > -float(\"inf\"))",
+        ("tests/test_methods_sota.py",),
+    ),
+    Mutant(
+        "dpc-noisy-tie", "DPC density ties go to the larger index", "methods/cluster.py",
+        "(idx[None, :] < idx[:, None])",
+        "(idx[None, :] > idx[:, None])",
+        ("tests/test_methods_sota.py",),
+    ),
+    Mutant(
+        "fastvid-merge-weight", "FastVID's context keeps weight 1 - beta on itself", "methods/fastvid.py",
+        "        merged = w.unsqueeze(-1) * c + (1 - w).unsqueeze(-1) * mean",
+        "        merged = (1 - w).unsqueeze(-1) * c + w.unsqueeze(-1) * mean",
+        ("tests/test_methods_sota.py",),
+    ),
+    Mutant(
+        "holitom-ties-to-longer-window", "HoliTom's windows: ties go to the longer window", "methods/holitom.py",
+        "            if cand > best:",
+        "            if cand >= best:",
+        ("tests/test_methods_sota.py",),
+    ),
+    Mutant(
+        "holitom-inner-plain-mean", "the inner merge weighs every absorbed token equally", "methods/inllm.py",
+        "        w = torch.pow(2.0, -(r + 1))",
+        "        w = torch.pow(2.0, -(0 * r + 1))",
+        ("tests/test_methods_sota.py::test_holitom_inner_merge_closed_form",
+         "tests/test_inllm.py::test_pre_llm_method_with_an_in_llm_stage_matches_reference"),
+    ),
+    Mutant(
+        "received-unscaled", "the tower's received attention forgets the 1/sqrt(d) scale",
+        "models/llava_onevision.py",
+        "            q = (q.float() * attn.scale)",
+        "            q = (q.float() * 1.0)",
+        ("tests/test_signals.py::test_siglip_received_attention_is_the_towers_own",),
+    ),
 )
 
 

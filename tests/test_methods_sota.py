@@ -273,6 +273,26 @@ def test_holitom_clusters_a_large_static_pool():
     assert sel.keep.numel() == 6 and bool((sel.frame_counts >= 1).all())
 
 
+@pytest.mark.parametrize("method", [FlashVID(), FlashVID(adts="v1", budget="fca"), FastVID(), FastVID(merge="onevision"),
+                                    HoliTom(), HoliTom(tau=0.0)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 9), (8, 4)])
+def test_full_retain_is_the_identity(method, shape):
+    T, M = shape
+    x = torch.randn(T, M, 6, generator=torch.Generator().manual_seed(T * 10 + M))
+    x[T // 2:] = x[0]  # repeats: trees, static windows and merges all have something to do
+    ctx = SegmentContext(encoder_attention=torch.rand(T, M), encoder_received=torch.rand(T, M))
+    sel = method.select(x, 1.0, ctx)
+    assert torch.equal(sel.keep, torch.arange(T * M))
+    assert sel.features is None or torch.equal(sel.features, x.reshape(T * M, 6))
+
+
+def test_identical_tokens_resolve_to_the_lowest_index():
+    x = torch.ones(3, 6, 4)
+    for method in (FlashVID(), FastVID(), HoliTom()):
+        sel = method.select(x, 1 / 6, SegmentContext(encoder_attention=torch.ones(3, 6), encoder_received=torch.ones(3, 6)))
+        assert (sel.keep % 6).tolist() == [0, 0, 0], type(method).__name__
+
+
 # --- every new method: exact totals, determinism --------------------------------------------------
 
 def _selectors(variant: int, budget: str):

@@ -49,7 +49,7 @@ import torch
 from .base import SegmentContext, Selection, check_segment, validate_choice
 from .budget import BUDGET_POLICIES, COUNT_RULES, frame_budget
 from .cluster import cosine, dpc_knn, segment_lengths, topk_det, transition_similarity
-from .flashvid import ATTENTION_SIGNALS, attention_weights
+from .flashvid import ATTENTION_SIGNALS, ReadsAttention, attention_weights
 
 
 def fastvid_plan(k: torch.Tensor, d: float, p: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -102,7 +102,7 @@ def place_context(sal: torch.Tensor, ctx: torch.Tensor, M: int) -> tuple[torch.T
 
 
 @dataclass
-class FastVID:
+class FastVID(ReadsAttention):
     """Configured FastVID selector (see the module docstring)."""
 
     tau: float = field(default=0.9, metadata={"range": "[-1, 1]", "help": "frame-similarity below which a segment ends (Qwen reference: 0.84)"})
@@ -123,14 +123,6 @@ class FastVID:
         validate_choice("fastvid option attention", self.attention, ATTENTION_SIGNALS)
         validate_choice("fastvid option budget", self.budget, BUDGET_POLICIES)
         validate_choice("fastvid option count_rule", self.count_rule, COUNT_RULES)
-
-    @property
-    def needs_text(self) -> bool:
-        return False
-
-    @property
-    def needs_encoder_attention(self) -> bool:
-        return self.attention != "features"
 
     def select(self, x: torch.Tensor, retain: float, context: SegmentContext | None = None) -> Selection:
         """Kept tokens of one video ``x`` ``[T, M, D]``; every kept token's feature in ``features``."""

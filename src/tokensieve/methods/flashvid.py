@@ -157,8 +157,23 @@ def attention_weights(mode: str, x: torch.Tensor, context: SegmentContext | None
     return attn.float()
 
 
+class ReadsAttention:
+    """The signals of a selector with an ``attention`` option (FlashVID, FastVID, HoliTom): never
+    the question; the encoder's signals unless ``attention="features"``."""
+
+    attention: str
+
+    @property
+    def needs_text(self) -> bool:
+        return False
+
+    @property
+    def needs_encoder_attention(self) -> bool:
+        return self.attention != "features"
+
+
 @dataclass
-class FlashVID:
+class FlashVID(ReadsAttention):
     """Configured FlashVID selector (see the module docstring)."""
 
     alpha: float = field(default=0.7, metadata={"range": "[0, 1]", "help": "share of each frame's budget picked by ADTS"})
@@ -182,15 +197,6 @@ class FlashVID:
         validate_choice("flashvid option preset", self.preset, PRESETS)
         validate_choice("flashvid option depth", self.depth, DEPTHS)
         validate_choice("flashvid option count_rule", self.count_rule, COUNT_RULES)
-
-    @property
-    def needs_text(self) -> bool:
-        """FlashVID's pre-LLM stage never reads the question."""
-        return False
-
-    @property
-    def needs_encoder_attention(self) -> bool:
-        return self.attention != "features"
 
     @property
     def e(self) -> float:

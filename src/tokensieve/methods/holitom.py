@@ -46,7 +46,7 @@ import torch
 from .base import SegmentContext, Selection, check_segment, validate_choice
 from .budget import COUNT_RULES, apportion, retained_count
 from .cluster import dpc_knn, topk_det, unit
-from .flashvid import ATTENTION_SIGNALS, attention_weights
+from .flashvid import ATTENTION_SIGNALS, ReadsAttention, attention_weights
 from .inllm import DEPTHS, MERGE_OPS, MergePrune, scaled_layers
 
 HOLITOM_REF_DEPTH = 28  # LLaVA-OV-7B's Qwen2-7B (HoliTom arXiv 2505.21334: inner merge before layer 18)
@@ -82,7 +82,7 @@ def static_windows(sim: torch.Tensor, tau: float, max_window: int = 1024) -> tup
 
 
 @dataclass
-class HoliTom:
+class HoliTom(ReadsAttention):
     """Configured HoliTom selector (see the module docstring)."""
 
     tau: float = field(default=0.8, metadata={"range": "[-1, 1]", "help": "similarity above which a position is static (scripts: 0.65 at r = 0.1)"})
@@ -102,14 +102,6 @@ class HoliTom:
         validate_choice("holitom option inner_op", self.inner_op, MERGE_OPS)
         validate_choice("holitom option depth", self.depth, DEPTHS)
         validate_choice("holitom option count_rule", self.count_rule, COUNT_RULES)
-
-    @property
-    def needs_text(self) -> bool:
-        return False
-
-    @property
-    def needs_encoder_attention(self) -> bool:
-        return self.attention != "features"
 
     def llm_stage(self) -> MergePrune | None:
         """The inner stage (``inner=True``), or ``None``."""

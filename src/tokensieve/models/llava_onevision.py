@@ -67,20 +67,21 @@ class LlavaOnevisionAdapter(Adapter):
                 return_dict=True,
                 **feat_kwargs,
             )
-        received_input: tuple[Any, torch.Tensor] | None = None
+        received_input: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         signal_ms = 0.0
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
             block = _feature_block(inner, feat_kwargs["vision_feature_layer"]) if encoder_attention else None
-            seen: list[torch.Tensor] = []
-            hook = (block.register_forward_pre_hook(lambda _m, args, kw: seen.append((args or (kw["hidden_states"],))[0]),
-                                                    with_kwargs=True) if block is not None else None)
+            caught: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
+            hooks = ([getattr(block.self_attn, f"{n}_proj").register_forward_hook(
+                          lambda _m, _a, out, n=n: caught[n].append(out.detach()))
+                      for n in ("q", "k")] if block is not None else [])
             try:
                 enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
-            if block is not None and len(seen) == 1:  # the layer's input: its attention is re-run below
-                received_input = (block, seen[0])
+            if block is not None and len(caught["q"]) == 1 and len(caught["k"]) == 1:
+                received_input = (block.self_attn, caught["q"][0], caught["k"][0])  # the layer's own queries and keys
         # token embeddings after the vision encoder: they are not held while it peaks
         embeds = inner.get_input_embeddings()(input_ids)
         if enc.get("image") is not None:
@@ -262,32 +263,29 @@ def _feature_block(inner: Any, layer: Any) -> Any:
 RECEIVED_CHUNK = 4
 
 
-def _video_received_attention(inner: Any, captured: tuple[Any, torch.Tensor] | None, kwargs: dict[str, Any],
-                              num_videos: int) -> list[Any]:
+def _video_received_attention(inner: Any, captured: tuple[Any, torch.Tensor, torch.Tensor] | None,
+                              kwargs: dict[str, Any], num_videos: int) -> list[Any]:
     """Mean attention each patch receives in the vision tower's feature layer, per video frame,
     on the pooled token grid (``specs/sota.md``'s U3, read by FlashVID and HoliTom).
 
-    ``captured`` is that layer and its input (caught by a pre-hook while the tower ran); its
-    attention is re-run for the probabilities only:
-    ``a[m] = mean_{h, i} softmax_j(q_{h,i}·k_{h,j}·scale)[m]`` with the layer's own
-    ``layer_norm1``, query and key projections, a few frames at a time. Returns one ``[T·M]`` map
-    per video, or ``None`` entries when nothing was captured (features given by the caller, a
-    list of feature layers): methods then use their documented stand-in.
+    ``captured`` is that layer's attention module with the queries and keys its projections
+    produced while the tower ran (forward hooks); only the probabilities are computed again,
+    ``a[m] = mean_{h, i} softmax_j(q_{h,i}·k_{h,j}·scale)[m]``, a few frames at a time (fp32).
+    Returns one ``[T·M]`` map per video, or ``None`` entries when nothing was captured (features
+    given by the caller, a list of feature layers): methods then use their documented stand-in.
     """
     if captured is None or kwargs.get("pixel_values_videos") is None:
         return [None] * num_videos
-    block, hidden = captured
-    attn = block.self_attn
+    attn, q_all, k_all = captured
     H, d = attn.num_heads, attn.head_dim
     maps = []
     with torch.no_grad():
-        for chunk in hidden.split(RECEIVED_CHUNK):
-            f, N, _ = chunk.shape
-            x = block.layer_norm1(chunk)
-            q = attn.q_proj(x).float().view(f, N, H, d).transpose(1, 2)
-            k = attn.k_proj(x).float().view(f, N, H, d).transpose(1, 2)
-            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # [f, H, N, N]
-            maps.append(probs.mean(dim=(1, 2)))
+        for q, k in zip(q_all.split(RECEIVED_CHUNK), k_all.split(RECEIVED_CHUNK)):
+            f, N, _ = q.shape
+            q = (q.float() * attn.scale).view(f, N, H, d).transpose(1, 2).reshape(f * H, N, d)
+            k = k.float().view(f, N, H, d).transpose(1, 2).reshape(f * H, N, d)
+            probs = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)  # [f·H, N, N]
+            maps.append(probs.sum(1).view(f, H, N).mean(1) / N)
     amap = torch.cat(maps)
     strategy = kwargs.get("vision_feature_select_strategy") or inner.config.vision_feature_select_strategy
     if strategy == "default":
