@@ -3,9 +3,9 @@
 Each method runs three ways through the real runtime, at the same exact budgets:
 
 * as shipped (its default options);
-* ``raw:`` — the same kept positions, but every kept token keeps its own features (the
+* ``raw-`` — the same kept positions, but every kept token keeps its own features (the
   method's averaging/merging switched off): the difference is what merging costs or buys;
-* ``flat:`` — the attention signal it weighs or ranks by replaced by a constant (every token
+* ``flat-`` — the attention signal it weighs or ranks by replaced by a constant (every token
   equal), everything else unchanged: the difference is what the attention signal buys.
 
 The wrappers are registered in this process only.
@@ -73,22 +73,24 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in METHODS:
         for mode in ("raw", "flat"):
-            register(MethodSpec(name=f"{mode}:{name}", stage="pre-llm", summary=f"{name}, {mode}",
+            register(MethodSpec(name=f"{mode}-{name}", stage="pre-llm", summary=f"{name}, {mode}",
                                 factory=wrapper(name, mode),
                                 default_positions=tokensieve.methods.get(name).default_positions))
     retains = parse_retains(args.retain)
-    configs = [("none", 1.0)] + [(f"{p}{m}", r) for m in METHODS for p in ("", "raw:", "flat:") for r in retains]
+    configs = [("none", 1.0)] + [(f"{p}{m}", r) for m in METHODS for p in ("", "raw-", "flat-") for r in retains]
     rows = evaluate_configs(model, processor, examples, configs)
     base = rows[0]["scores"]
     lines = [f"# FlashVID, FastVID, HoliTom: merge or choice? (`{args.model}`)", "",
              f"`python benchmarks/quality/sota_diag.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              f"{len(examples)} held-out questions (set {args.seed}); one standard error is about "
-             f"{100 * (0.25 / len(examples)) ** 0.5:.1f} points. `raw:` keeps the method's positions with "
-             "their own features (no merging); `flat:` gives the method a constant attention signal.", "",
+             f"{100 * (0.25 / len(examples)) ** 0.5:.1f} points. `raw-` keeps the method's positions with "
+             "their own features (no merging); `flat-` gives the method a constant attention signal.", "",
              "| method | retain | accuracy % | kept vs uncompressed % | " + " | ".join(f"{f} %" for f in synthvid.FAMILIES) + " |",
              "|---|---|---|---|" + "---|" * len(synthvid.FAMILIES)]
     for r in rows:
         s = r["scores"]
+        if s is None:
+            raise SystemExit(f"{r['method']} at {r['retain']}: {r['error']}")
         lines.append(f"| {r['method']} | {r['retain']:g} | {100 * s['accuracy']:.1f} | "
                      f"{100 * s['accuracy'] / base['accuracy']:.1f} | "
                      + " | ".join(f"{100 * s['families'][f]['accuracy']:.1f}" for f in synthvid.FAMILIES) + " |")
