@@ -92,9 +92,10 @@ METHODS = {
 }
 
 
-# selection-only baselines and second configurations of a method share the runtime path of one
-# already run on both kernels: one kernel is enough for them
-ONE_KERNEL = ("random", "uniform-fca", "flashvid-qwen-fca-encoder", "fastvid-ov-reference-fca-encoder")
+# pre-LLM selections reach the language model through one runtime path, which vidcom2, lftr,
+# visionzip and dycoke (merged features) exercise on both kernels: one kernel is enough for the rest
+ONE_KERNEL = ("random", "uniform-fca", "flashvid", "flashvid-qwen-fca-encoder", "fastvid",
+              "fastvid-ov-reference-fca-encoder", "holitom")
 CASES = [(arch, attn, batch, method) for arch in ARCHS for attn in ("eager", "sdpa") for batch in (1, 3)
          for method in METHODS if not (method in ONE_KERNEL and attn == "eager")]
 
