@@ -30,6 +30,8 @@ from tokensieve.collab.service.client import CloudClient, CloudError
 from tokensieve.collab.service.server import main as server_main
 from tokensieve.errors import InputError
 
+pytestmark = pytest.mark.harness  # CI runs these on the newest transformers only (.ci/run)
+
 KiB = 1024
 LIMITS = {"max_chunk": 64 * KiB, "max_body": 1024 * KiB, "device_quota": 64 * 1024 * KiB}
 TEST_TIME_LIMIT = 45  # seconds per test; the alarm turns a hang into a failure

@@ -12,6 +12,7 @@ from tokensieve.cli import main
 METHODS = ("vidcom2", "fastv", "sparsevlm:equivalent=output")
 
 
+@pytest.mark.harness
 def test_demo_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     code = main(["demo", "--n", "20", "--methods", ",".join(METHODS), "--out", str(out), "--json"])
