@@ -61,6 +61,9 @@ def test_dpc_is_deterministic_with_identical_rows():
     centres, assign = dpc_knn(x, 2, 3)
     assert centres.tolist() == [0, 1]  # equal densities: the smaller index is denser; ties to it
     assert assign.tolist() == [0, 1, 0, 0, 0, 0]
+    pairs = torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [10.0, 0.0]])  # two twins: all densities tie
+    centres, assign = dpc_knn(pairs, 2, 2)
+    assert centres.tolist() == [0, 2] and assign.tolist() == [0, 0, 1, 1]  # each twin's first is its peak
 
 
 # --- FlashVID ------------------------------------------------------------------------------------
