@@ -31,10 +31,11 @@ Hugging Face's LLaVA-OneVision checkpoints), and Qwen tokens by the last ViT blo
 from the frame's mean query. ``attention="received"`` (default) ranks by the attention each
 token receives in the tower's feature layer where the adapter computes it (LLaVA-OneVision),
 else by the same quantity on the features; ``"encoder"`` takes the adapter's summary signal —
-the probe when the tower keeps its head, else the frame-mean stand-in, which on both embedded
-models ranks background first (24% accuracy at retain 0.25 against 78% with ``"received"``,
-100 questions, ``benchmarks/quality/sota/README.md``); ``"features"`` the stand-in on the
-features. The reference's LLaVA frame descriptor is the probe's pooled
+the probe when the tower keeps its head, else the frame-mean stand-in, which on the embedded
+LLaVA-OneVision model ranks background first: it kept 24% of the uncompressed accuracy at
+retain 0.25 against 78% with ``"received"`` (100 held-out questions; today's option names:
+``tokensieve bench quality --model embedded --n 100 --retain 0.25 --methods
+fastvid:attention=encoder,fastvid``); ``"features"`` the stand-in on the features. The reference's LLaVA frame descriptor is the probe's pooled
 output; here it is the frame mean of the features (the reference's Qwen descriptor).
 The reference's Qwen2.5-VL extras (frames of very static runs keep tokens only on the last
 frame; context per anchor capped at ``⌊M/2⌋``) are not reproduced.

@@ -33,6 +33,7 @@ import torch
 from ..errors import InputError
 from .base import validate_choice
 from .budget import apportion
+from .cluster import cosine
 
 EQUIVALENT_MODES = ("input", "output", "keep")
 
@@ -431,15 +432,21 @@ class FixedRatioPrune(InLLMMethod):
     ratio: float = 0.3
 
     stage = "in-llm"
+    #: how the owning method names these settings in its options (error messages)
+    layer_option = "llm_layer"
+    ratio_option = "llm_ratio"
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise InputError(f"{self.name} option llm_layer must be an integer >= 1, got {self.layer!r}")
+            raise InputError(f"{self.name} option {self.layer_option} must be an integer >= 1, got {self.layer!r}")
+        self._check_ratio()
+
+    def _check_ratio(self) -> None:
         if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
-            raise InputError(f"{self.name} option llm_ratio must be in (0, 1], got {self.ratio!r}")
+            raise InputError(f"{self.name} option {self.ratio_option} must be in (0, 1], got {self.ratio!r}")
 
     def check_depth(self, num_layers: int) -> None:
-        check_layers(f"{self.name} llm_layer", (self.layer,), num_layers)
+        check_layers(f"{self.name} {self.layer_option}", (self.layer,), num_layers)
 
     def plan(self, num_visual: int, num_layers: int, retain: float) -> list[PrunePoint]:
         keep = max(1, min(num_visual, math.ceil(self.ratio * num_visual)))  # float64, as the reference
@@ -456,7 +463,7 @@ MERGE_OPS = ("sequential", "mean")
 
 
 @dataclass
-class MergePrune(InLLMMethod):
+class MergePrune(FixedRatioPrune):
     """HoliTom's inner stage (arXiv 2505.21334 §3.3): before decoder layer ``layer``, keep the
     ``round(V·(1 − ratio))`` visual tokens the last prompt token attends to most at layer
     ``layer − 1`` (head mean; Python's half-to-even ``round``, as the reference), and merge every
@@ -467,27 +474,20 @@ class MergePrune(InLLMMethod):
     ratio: float = 0.5
     op: str = "sequential"
 
-    stage = "in-llm"
+    layer_option = "inner_layer"
+    ratio_option = "inner_ratio"
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise InputError(f"{self.name} option inner_layer must be an integer >= 1, got {self.layer!r}")
-        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
-            raise InputError(f"{self.name} option inner_ratio must be in [0, 1), got {self.ratio!r}")
+        super().__post_init__()
         validate_choice(f"{self.name} option inner_op", self.op, MERGE_OPS)
 
-    def check_depth(self, num_layers: int) -> None:
-        check_layers(f"{self.name} inner_layer", (self.layer,), num_layers)
+    def _check_ratio(self) -> None:  # the share merged away: 0 merges nothing, 1 would keep nothing
+        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
+            raise InputError(f"{self.name} option {self.ratio_option} must be in [0, 1), got {self.ratio!r}")
 
     def plan(self, num_visual: int, num_layers: int, retain: float) -> list[PrunePoint]:
         keep = max(1, min(num_visual, round(num_visual * (1 - self.ratio))))
         return [PrunePoint(self.layer - 1, keep, "self")]
-
-    def rows(self, layout: SampleLayout, state: Any = None) -> torch.Tensor:
-        return torch.tensor([layout.last], dtype=torch.long, device=layout.visual.device)
-
-    def score(self, attn: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
-        return head_mean_rows(attn, ctx.layout.visual)
 
     def merge_dropped(self, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """New states ``[k, D]`` of the kept tokens ``kept`` ``[k, D]`` after absorbing ``dropped``
@@ -498,9 +498,7 @@ class MergePrune(InLLMMethod):
         if dropped.shape[0] == 0:
             return kept
         kf, df = kept.float(), dropped.float()
-        ku = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        du = df / df.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        assign = (du @ ku.T).argmax(dim=-1)  # first maximum: the earlier kept token
+        assign = cosine(df, kf).argmax(dim=-1)  # first maximum: the earlier kept token
         k = kf.shape[0]
         onehot = torch.nn.functional.one_hot(assign, k).to(torch.float64)  # [n, k]
         n = onehot.sum(0)  # tokens per kept one
