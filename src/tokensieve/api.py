@@ -10,6 +10,7 @@ import torch
 from . import methods as _methods
 from .errors import InputError
 from .methods.budget import check_retain
+from .methods.encoder import encoder_stage
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
 from .runtime.inllm import check_ranking_layers
@@ -77,7 +78,14 @@ def compress(
         positions: ``"preserve"`` (kept tokens keep their original position ids) or
             ``"compact"`` (renumbered); default: what the method's reference used on this
             model family.
-        **options: method options (see ``tokensieve.methods.get(method).options``).
+        **options: method options (see ``tokensieve.methods.get(method).options``), and the
+            encoder stage every method composes with (``specs/encoder.md`` E0):
+            ``encoder_frames`` — the fraction of each video's frames (Qwen: temporal patches) the
+            vision encoder sees, in (0, 1], the others never encoded — and ``encoder_policy``
+            (``"dp"``, ``"topk"`` or ``"uniform"``: how those frames are chosen from pixels). A
+            pre-LLM method then keeps its ``round(retain · N)`` tokens among the encoded frames
+            (give only ``encoder_policy`` to encode the fewest frames that hold them); an in-LLM
+            method receives the encoded frames' tokens and prunes them at its own ratio.
 
     Every argument is validated before the model is touched; an invalid call leaves the
     model unchanged. Compressing an already compressed model is an error.
@@ -87,13 +95,25 @@ def compress(
     value = check_retain(retain)
     if positions is not None and positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
-    method = spec.create(**options)
+    stage, method_options = encoder_stage(options)
+    method = spec.create(**method_options)
+    if stage is None:
+        stage = getattr(method, "encoder", None)  # the encoder stage as a method (keyframes)
+    if stage is not None:
+        if adapter.encoder_stage_unsupported:
+            raise InputError(f"{spec.name!r} with an encoder stage on {type(model).__name__}: {adapter.encoder_stage_unsupported}")
+        if spec.stage == "in-llm" and stage.frames is None:
+            raise InputError(f"{spec.name!r} prunes inside the language model; with it, give encoder_frames in (0, 1] "
+                             "(the fraction of frames the vision encoder sees) explicitly")
+        if spec.stage != "in-llm" and stage.frames is not None and stage.frames < value:
+            raise InputError(f"encoder_frames={stage.frames} encodes fewer frames than retain={value} keeps tokens; "
+                             "encoder_frames must be at least retain")
     num_layers = lm_shape(model)[3]
     for_depth = getattr(method, "for_depth", None)  # depth="scaled": published layers placed on this depth
     if for_depth is not None:
         method = for_depth(num_layers)
     inllm = method if spec.stage == "in-llm" else None
-    selector = method if spec.stage == "pre-llm" else None
+    selector = method if spec.stage != "in-llm" else None
     if selector is not None and hasattr(method, "llm_stage"):  # a pre-LLM method with an in-LLM stage (FlashVID)
         inllm = method.llm_stage()
     dp = method.decode_stage() if hasattr(method, "decode_stage") else None
@@ -129,6 +149,7 @@ def compress(
         inllm=inllm,
         dp=dp,
         lm_calls=lm_calls,
+        encoder=stage,
     )
     install(model, state)
     return TrimHandle(model, state)

@@ -22,6 +22,7 @@ from .budget import (
     uniform_budget,
 )
 from .dycoke import DyCoke
+from .encoder import EncoderStage, KeyFrames, choose_frames
 from .fastvid import FastVID
 from .flashvid import FlashVID
 from .holitom import HoliTom
@@ -101,6 +102,19 @@ register(
         reference_positions={"1d": "compact", "mrope": "preserve"},
         budget_policies=BUDGET_POLICIES,
         options=options_of(UniformSelect),
+    )
+)
+
+register(
+    MethodSpec(
+        name="keyframes",
+        stage="pre-encoder",
+        summary="encode only the frames that hold the budget, chosen from pixels before the vision encoder",
+        factory=KeyFrames,
+        default_positions=PRESERVE,
+        reference_positions=PRESERVE,
+        options=options_of(KeyFrames),
+        reference="specs/encoder.md E0 (frame skipping before the tower; RLT, NeurIPS 2024, ranks changes alike)",
     )
 )
 
@@ -260,6 +274,9 @@ __all__ = [
     "LFTR",
     "VisionZip",
     "DyCoke",
+    "EncoderStage",
+    "KeyFrames",
+    "choose_frames",
     "FlashVID",
     "FastVID",
     "HoliTom",

@@ -9,7 +9,7 @@ sequence, and the :class:`Segment` list of every sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -35,6 +35,9 @@ class Segment:
         encoder_received: optional ``[T, M]`` mean attention each content token receives in the
             vision tower's last used layer (heads and queries averaged), mapped onto the token
             grid like the features; computed with ``encoder_attention`` where the adapter can.
+        encoded_frames: ``[K_t]`` ascending token frames the vision encoder saw when an encoder
+            stage skipped the others (their tokens are zeros and never reach the language
+            model); ``None``: every frame was encoded.
     """
 
     sample: int
@@ -46,6 +49,7 @@ class Segment:
     temporal_patch: int = 1
     encoder_attention: torch.Tensor | None = None
     encoder_received: torch.Tensor | None = None
+    encoded_frames: torch.Tensor | None = None
 
     @property
     def num_frames(self) -> int:
@@ -74,6 +78,20 @@ class Prepared:
     encoder_signal: str = ""
     #: time spent computing the encoder signals (probe / received attention), ms
     signal_ms: float = 0.0
+    #: time spent choosing the frames the encoder sees (signatures + choice), ms
+    plan_ms: float = 0.0
+
+
+#: ``plan(signatures [T, F], tokens_per_frame) -> [K_t]`` ascending token frames to encode
+FramePlan = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def scatter_frames(encoded: torch.Tensor, kept: torch.Tensor, num_frames: int, per_frame: int) -> torch.Tensor:
+    """Rows of the encoded frames ``[K_t·M, ...]`` placed at their frames in a zero ``[T·M, ...]``."""
+    out = encoded.new_zeros((num_frames * per_frame, *encoded.shape[1:]))
+    rows = (kept.to(encoded.device)[:, None] * per_frame + torch.arange(per_frame, device=encoded.device)).reshape(-1)
+    out[rows] = encoded
+    return out
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -139,6 +157,9 @@ class Adapter:
     #: row-major order of ``Prepared.rest["visual_rank"]``): the runtime gathers their kept rows
     #: and passes them to the language model's prefill under their names. ``None``: no streams.
     visual_mask_key: ClassVar[str | None] = None
+    #: why an encoder stage (frames skipped before the vision tower) cannot run on this family
+    #: (``None``: it can; the adapter's :meth:`prepare` honours ``frame_plan`` for videos)
+    encoder_stage_unsupported: ClassVar[str | None] = None
 
     def special_ids(self, model: torch.nn.Module) -> set[int]:
         """Token ids that are never part of a question (placeholders, padding, BOS)."""
@@ -182,9 +203,12 @@ class Adapter:
                 mask = torch.ones_like(input_ids)
         return mask.long()
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
+                frame_plan: FramePlan | None = None) -> Prepared:
         """Full inputs and segments; with ``encoder_attention=True`` also the encoder's own
-        summary-token attention per segment where the encoder has one."""
+        summary-token attention per segment where the encoder has one. With ``frame_plan``, each
+        video's vision encoder runs only on the token frames the plan returns for its pixel
+        signatures (the other frames' features are zeros; ``Segment.encoded_frames`` says which)."""
         raise NotImplementedError
 
     def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:

@@ -56,7 +56,11 @@ class InternVLAdapter(Adapter):
     style = "1d"
     visual_keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "mm_encoder_outputs")
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+    encoder_stage_unsupported = ("an encoder stage is not implemented for InternVL yet (its video frames arrive as "
+                                 "separate tiles in pixel_values); it runs on LLaVA-OneVision and the Qwen-VL families")
+
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
+                frame_plan: Any = None) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config

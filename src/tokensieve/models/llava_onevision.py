@@ -27,7 +27,16 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Adapter, Prepared, Segment, order_segments, mask_positions, split_placeholders
+from .base import (
+    Adapter,
+    FramePlan,
+    Prepared,
+    Segment,
+    mask_positions,
+    order_segments,
+    scatter_frames,
+    split_placeholders,
+)
 
 
 class LlavaOnevisionAdapter(Adapter):
@@ -46,7 +55,8 @@ class LlavaOnevisionAdapter(Adapter):
         "mm_encoder_outputs",
     )
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
+                frame_plan: FramePlan | None = None) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
@@ -68,7 +78,16 @@ class LlavaOnevisionAdapter(Adapter):
                 **feat_kwargs,
             )
         received_input: tuple[Any, torch.Tensor, torch.Tensor] | None = None
-        signal_ms = 0.0
+        signal_ms = plan_ms = 0.0
+        kept_frames: list[torch.Tensor] | None = None  # per video: the frames the tower saw
+        video_kwargs = kwargs
+        if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None and frame_plan is not None:
+            began = time.perf_counter()
+            kept_frames = _plan_frames(model, kwargs["pixel_values_videos"], frame_plan)
+            pv = kwargs["pixel_values_videos"]
+            video_kwargs = {**kwargs, "pixel_values_videos": torch.stack(
+                [pv[v, kept.to(pv.device)] for v, kept in enumerate(kept_frames)])}
+            plan_ms = (time.perf_counter() - began) * 1000.0
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
             block = _feature_block(inner, feat_kwargs["vision_feature_layer"]) if encoder_attention else None
             caught: dict[str, list[torch.Tensor]] = {"q": [], "k": []}
@@ -76,7 +95,8 @@ class LlavaOnevisionAdapter(Adapter):
                           lambda _m, _a, out, n=n: caught[n].append(out.detach()))
                       for n in ("q", "k")] if block is not None else [])
             try:
-                enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **feat_kwargs)
+                enc["video"] = inner.get_video_features(video_kwargs["pixel_values_videos"], return_dict=True,
+                                                        **feat_kwargs)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -104,12 +124,19 @@ class LlavaOnevisionAdapter(Adapter):
             pooled = enc["video"].pooler_output  # [V, T*M + 1, D]
             if encoder_attention:
                 began = time.perf_counter()
-                probe_maps = _video_probe_attention(inner, enc["video"], kwargs, pooled.shape[0])
-                received_maps = _video_received_attention(inner, received_input, kwargs, pooled.shape[0])
+                probe_maps = _video_probe_attention(inner, enc["video"], video_kwargs, pooled.shape[0])
+                received_maps = _video_received_attention(inner, received_input, video_kwargs, pooled.shape[0])
                 signal_ms = (time.perf_counter() - began) * 1000.0
             pv = kwargs.get("pixel_values_videos")
             frames = int(pv.shape[1]) if pv is not None else None
             feats = [pooled[i].to(embeds.device, embeds.dtype) for i in range(pooled.shape[0])]
+            if kept_frames is not None:  # the skipped frames' tokens are zeros; the runtime drops them
+                M = (pooled.shape[1] - 1) // kept_frames[0].numel()
+                feats = [torch.cat([scatter_frames(f[:-1], kept, frames, M), f[-1:]]) for f, kept in zip(feats, kept_frames)]
+                probe_maps = [None if m is None else scatter_frames(m, kept, frames, M)
+                              for m, kept in zip(probe_maps, kept_frames)]
+                received_maps = [None if m is None else scatter_frames(m, kept, frames, M)
+                                 for m, kept in zip(received_maps, kept_frames)]
             placed = split_placeholders(input_ids, cfg.video_token_id, [f.shape[0] for f in feats], "videos")
             per_sample_videos: list[Segment] = []
             for f, (b, pos) in zip(feats, placed):
@@ -122,6 +149,8 @@ class LlavaOnevisionAdapter(Adapter):
                 side = math.isqrt(M)
                 grid = (T, side, side) if side * side == M else (T, 1, M)
                 seg = Segment(b, 0, "video", grid, pos[:-1], pos[-1:])
+                if kept_frames is not None:
+                    seg.encoded_frames = kept_frames[len(per_sample_videos)]
                 if probe_maps and probe_maps[len(per_sample_videos)] is not None:
                     seg.encoder_attention = probe_maps[len(per_sample_videos)].reshape(T, M)
                 if received_maps and received_maps[len(per_sample_videos)] is not None:
@@ -142,6 +171,7 @@ class LlavaOnevisionAdapter(Adapter):
             if encoder_attention
             else "",
             signal_ms=signal_ms,
+            plan_ms=plan_ms,
         )
 
 
@@ -259,10 +289,6 @@ def _feature_block(inner: Any, layer: Any) -> Any:
     return layers[idx - 1] if idx > 0 else None
 
 
-#: frames per chunk when recomputing a tower layer's attention (bounds the [f, H, N, N] maps)
-RECEIVED_CHUNK = 4
-
-
 def _video_received_attention(inner: Any, captured: tuple[Any, torch.Tensor, torch.Tensor] | None,
                               kwargs: dict[str, Any], num_videos: int) -> list[Any]:
     """Mean attention each patch receives in the vision tower's feature layer, per video frame,
@@ -293,6 +319,26 @@ def _video_received_attention(inner: Any, captured: tuple[Any, torch.Tensor, tor
     if math.isqrt(amap.shape[-1]) ** 2 != amap.shape[-1]:
         return [None] * num_videos
     return _pooled_per_video(amap, num_videos)
+
+
+def _plan_frames(model: torch.nn.Module, pixels: torch.Tensor, plan: FramePlan) -> list[torch.Tensor]:
+    """The frames of each video ``[V, T, 3, H, W]`` the tower is to encode: ``plan`` reads each
+    frame's signature, its patch-mean colours (``[T, 3·s²]``, ``s`` patches a side, the grid
+    SigLIP embeds), and the pooled tokens per frame. Every video of a call has ``T`` frames, so
+    all keep the same number (a function of ``T``, ``M`` and the options alone)."""
+    if pixels.dim() != 5:
+        raise InputError(f"pixel_values_videos must be [videos, frames, 3, H, W], got shape {tuple(pixels.shape)}")
+    vc = model.config.vision_config
+    V, T = pixels.shape[:2]
+    side = vc.image_size // vc.patch_size
+    M = math.ceil(side / 2) ** 2  # apply_pooling's bilinear 2× reduction
+    with torch.no_grad():
+        small = torch.nn.functional.avg_pool2d(pixels.flatten(0, 1).float(), vc.patch_size)
+    signatures = small.reshape(V, T, -1)
+    kept = [plan(signatures[v], M) for v in range(V)]
+    if len({k.numel() for k in kept}) > 1:
+        raise RuntimeError("the frame plan kept different numbers of frames for videos with the same grid")
+    return kept
 
 
 def _infer_frames(n_content: int, cfg: Any) -> int:

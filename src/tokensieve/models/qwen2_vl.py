@@ -11,11 +11,31 @@ unpruned sequence; the runtime gathers them, so kept tokens keep their ``(t, h, 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
-from .base import Adapter, Prepared, Segment, order_segments, split_placeholders
+from .base import Adapter, FramePlan, Prepared, Segment, order_segments, scatter_frames, split_placeholders
+
+#: internal keywords: a subclass that encoded the videos itself hands :meth:`Qwen2VLAdapter.prepare`
+#: the kept temporal patches per video and the time their choice took
+ENCODED_KEY = "_tokensieve_encoded_frames"
+PLAN_MS_KEY = "_tokensieve_plan_ms"
+
+
+def _patch_area(model: torch.nn.Module) -> int:
+    """Pixels of one patch side squared: a ``pixel_values_videos`` row is ``[C, tp, p, p]`` flat."""
+    p = int(model.config.vision_config.patch_size)
+    return p * p
+
+
+def _scatter_level(level: Any, kept_frames: list[torch.Tensor], sizes: list[tuple[int, int]]) -> Any:
+    """One DeepStack level of the kept temporal patches (one tensor, or one per video) at full size."""
+    if isinstance(level, torch.Tensor):
+        parts = torch.split(level, [k.numel() * m for k, (_, m) in zip(kept_frames, sizes)])
+        return torch.cat([scatter_frames(f, k, t, m) for f, k, (t, m) in zip(parts, kept_frames, sizes)])
+    return [scatter_frames(f, k, t, m) for f, k, (t, m) in zip(level, kept_frames, sizes)]
 
 
 class Qwen2VLAdapter(Adapter):
@@ -32,7 +52,8 @@ class Qwen2VLAdapter(Adapter):
         "mm_encoder_outputs",
     )
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
+                frame_plan: FramePlan | None = None) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
@@ -46,8 +67,10 @@ class Qwen2VLAdapter(Adapter):
 
         if enc.get("image") is None and kwargs.get("pixel_values") is not None:
             enc["image"] = inner.get_image_features(kwargs["pixel_values"], image_grid, return_dict=True)
+        kept_frames: list[torch.Tensor] | None = kwargs.get(ENCODED_KEY)
+        plan_ms = float(kwargs.get(PLAN_MS_KEY, 0.0))
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
-            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], video_grid, return_dict=True)
+            enc["video"], kept_frames, plan_ms = self.encode_videos(model, kwargs, frame_plan)
         # token embeddings after the vision encoder: they are not held while it peaks
         embeds = inner.get_input_embeddings()(input_ids)
 
@@ -72,6 +95,8 @@ class Qwen2VLAdapter(Adapter):
                     pos.new_zeros(0),
                     temporal_patch=temporal_patch if modality == "video" else 1,
                 )
+                if modality == "video" and kept_frames is not None:
+                    seg.encoded_frames = kept_frames[i]
                 per_sample[b].append((int(pos[0]), seg))
 
         mm_types = kwargs.get("mm_token_type_ids")
@@ -100,7 +125,46 @@ class Qwen2VLAdapter(Adapter):
             segments=segments,
             style=self.style,
             encoder_signal="frame-mean" if encoder_attention else "",
+            plan_ms=plan_ms,
         )
+
+    def encode_videos(self, model: torch.nn.Module, kwargs: dict[str, Any],
+                      frame_plan: FramePlan | None) -> tuple[Any, list[torch.Tensor] | None, float]:
+        """``(get_video_features output, kept temporal patches per video or None, plan ms)``.
+
+        With ``frame_plan`` the ViT runs on the kept temporal patches only: their rows of
+        ``pixel_values_videos`` (tp-major, ``h·w`` rows each) with the grid ``(K_t, h, w)``; it
+        attends within a temporal patch (``cu_seqlens``) and its rotary and window layout are
+        per temporal patch, so the kept patches' features equal the full run's. The skipped
+        patches' features (and DeepStack levels) are zeros at their places; positions are still
+        computed from the full grid, so kept tokens keep their ``(t, h, w)`` ids."""
+        inner = model.model
+        pixels, grid = kwargs["pixel_values_videos"], kwargs.get("video_grid_thw")
+        if frame_plan is None or grid is None:
+            return inner.get_video_features(pixels, grid, return_dict=True), None, 0.0
+        began = time.perf_counter()
+        merge = int(model.config.vision_config.spatial_merge_size)
+        rows, kept_frames, sub_grid, start = [], [], [], 0
+        for t, h, w in (tuple(int(v) for v in g) for g in grid.tolist()):
+            n = h * w
+            video = pixels[start : start + t * n]
+            start += t * n
+            with torch.no_grad():  # a temporal patch's signature: each patch's mean per channel and frame
+                signature = video.float().reshape(t, n * video.shape[-1] // _patch_area(model), _patch_area(model)).mean(-1)
+            kept = frame_plan(signature, n // merge**2)
+            kept_frames.append(kept)
+            rows.append(video.reshape(t, n, -1)[kept.to(video.device)].reshape(-1, video.shape[-1]))
+            sub_grid.append([int(kept.numel()), h, w])
+        plan_ms = (time.perf_counter() - began) * 1000.0
+        out = inner.get_video_features(torch.cat(rows), torch.tensor(sub_grid, dtype=grid.dtype, device=grid.device),
+                                       return_dict=True)
+        sizes = [(int(g[0]), int(g[1]) * int(g[2]) // merge**2) for g in grid.tolist()]
+        out.pooler_output = [scatter_frames(f, kept, t, m)
+                             for f, kept, (t, m) in zip(out.pooler_output, kept_frames, sizes)]
+        stacks = getattr(out, "deepstack_features", None)
+        if stacks:
+            out.deepstack_features = [_scatter_level(level, kept_frames, sizes) for level in stacks]
+        return out, kept_frames, plan_ms
 
     def set_rope_deltas(self, model: torch.nn.Module, deltas: torch.Tensor) -> None:
         model.model.rope_deltas = deltas

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .base import Prepared, split_placeholders
-from .qwen2_vl import Qwen2VLAdapter
+from .base import FramePlan, Prepared, split_placeholders
+from .qwen2_vl import ENCODED_KEY, PLAN_MS_KEY, Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -37,17 +37,19 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     visual_mask_key = "visual_pos_masks"
 
-    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False) -> Prepared:
+    def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
+                frame_plan: FramePlan | None = None) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
         if enc.get("image") is None and kwargs.get("pixel_values") is not None:
             enc["image"] = inner.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
+        extra: dict[str, Any] = {}
         if enc.get("video") is None and kwargs.get("pixel_values_videos") is not None:
-            enc["video"] = inner.get_video_features(kwargs["pixel_values_videos"], kwargs.get("video_grid_thw"),
-                                                    return_dict=True)
-        prepared = super().prepare(model, {**kwargs, "mm_encoder_outputs": enc}, encoder_attention)
+            enc["video"], kept, plan_ms = self.encode_videos(model, kwargs, frame_plan)
+            extra = {ENCODED_KEY: kept, PLAN_MS_KEY: plan_ms}
+        prepared = super().prepare(model, {**kwargs, "mm_encoder_outputs": enc, **extra}, encoder_attention)
         # DeepStack levels of every visual token, in the row-major order of the visual positions
         # (images and videos together), as the model's own forward orders them
         visual = (input_ids == cfg.image_token_id) | (input_ids == cfg.video_token_id)

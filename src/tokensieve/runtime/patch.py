@@ -27,6 +27,7 @@ import torch
 from ..errors import InputError
 from ..methods.base import MethodSpec, Selection, Selector
 from ..methods.budget import fca_budget
+from ..methods.encoder import choose_frames
 from ..methods.inllm import SampleLayout, uses_fca
 from ..methods.signals import question_positions
 from ..models.base import Adapter, Prepared
@@ -76,6 +77,9 @@ class TrimState:
     #: per thread (``threading.get_ident()``): the statistics of that thread's last compressed
     #: call, or the one-line reason it failed
     by_thread: dict[int, Any] = field(default_factory=dict, repr=False)
+    #: the encoder stage (:class:`~tokensieve.methods.encoder.EncoderStage`): which frames of each
+    #: video the vision tower encodes; ``None``: all of them
+    encoder: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TrimState":
         """A deep copy of a compressed model is compressed the same way and independent: its
@@ -184,7 +188,9 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         not isinstance(question_mask, torch.Tensor) or tuple(question_mask.shape) != tuple(ids.shape)
     ):
         raise InputError(f"{QUESTION_KEY} must be a bool tensor shaped like input_ids {tuple(ids.shape)}")
-    prepared = state.adapter.prepare(model, kw, encoder_attention=needs_attention)
+    plan = _frame_plan(state)
+    prepared = (state.adapter.prepare(model, kw, encoder_attention=needs_attention, frame_plan=plan)
+                if plan is not None else state.adapter.prepare(model, kw, encoder_attention=needs_attention))
     questions = _questions(model, state, prepared, question_mask) if needs_text else None
     user_pos = kw.get("position_ids")
     if user_pos is not None:
@@ -215,6 +221,21 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         state.pending = pending_layouts(prepared, trimmed, state)
         state.session = None
     return prepared, trimmed
+
+
+def _frame_plan(state: TrimState) -> Any:
+    """The adapter's frame plan for the state's encoder stage (``None`` without one): how many token
+    frames of a video to encode from its grid and the options alone, then which from its pixels."""
+    stage = state.encoder
+    if stage is None:
+        return None
+    retain, absolute = state.retain, state.selector is not None  # in-LLM methods prune what arrives
+
+    def plan(signatures: torch.Tensor, per_frame: int) -> torch.Tensor:
+        T = int(signatures.shape[0])
+        return choose_frames(signatures, stage.frames_for(T, per_frame, retain, check=absolute), stage.policy)
+
+    return plan
 
 
 def _lm_extras(adapter: Adapter, prepared: Prepared, trimmed: Trimmed) -> dict[str, Any] | None:
@@ -488,6 +509,8 @@ def lm_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
 class KeepAll:
     """Selector that keeps every token (in-LLM methods decide later, inside the model)."""
 
+    keeps_all = True  # with an encoder stage: every encoded token, whatever the retain
+
     def select(self, x: torch.Tensor, retain: float, context: Any = None) -> Selection:
         T, M, _ = x.shape
         return Selection(keep=torch.arange(T * M, device=x.device),
@@ -516,7 +539,12 @@ def pending_layouts(prepared: Prepared, trimmed: Trimmed, state: TrimState) -> P
             frames.append(local // M + frame_base)
             if fca:
                 x = prepared.inputs_embeds[b, seg.positions].reshape(T, M, -1)
-                _, wt = fca_budget(x, state.retain)
+                if seg.encoded_frames is not None:  # the frame weights of the frames that were encoded
+                    enc = seg.encoded_frames.to(x.device)
+                    wt = torch.zeros(T, dtype=torch.float64, device=x.device)
+                    wt[enc] = fca_budget(x[enc], state.retain)[1].to(torch.float64)
+                else:
+                    _, wt = fca_budget(x, state.retain)
                 w.append(wt.to(torch.float64) * (T * M) / max(total, 1))
             frame_base += T
         visual = torch.cat(vis) if vis else keep.new_zeros(0)

@@ -7,6 +7,7 @@ shorter but otherwise ordinary batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from ..methods.base import SegmentContext, Selection, Selector
+from ..methods.encoder import budget_within
 from ..methods.signals import frame_mean_attention
 from ..models.base import Prepared, Segment
 from .repad import mask_of, padding_side_of, repad, repad_positions
@@ -35,6 +37,8 @@ class SegmentStats:
     frame_counts: list[int]
     score_ms: float
     temporal_patch: int = 1
+    #: token frames the vision encoder saw (an encoder stage skipped the others); ``None``: all
+    frames_encoded: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +52,7 @@ class SegmentStats:
             "frame_counts": self.frame_counts,
             "raw_frames_per_token_frame": self.temporal_patch,
             "score_ms": round(self.score_ms, 4),
+            "frames_encoded": self.frames_encoded,
         }
 
 
@@ -78,6 +83,8 @@ class TrimStats:
     encoder_signal: str = ""
     #: time the adapter spent computing encoder signals for the methods (ms; not in ``score_ms``)
     signal_ms: float = 0.0
+    #: time spent choosing which frames the vision encoder sees (encoder stage; ms)
+    plan_ms: float = 0.0
     #: in-LLM methods: per-layer visual counts and kept tokens (set when the prefill has run)
     inllm: Any = field(default=None, repr=False)
     #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
@@ -121,6 +128,7 @@ class TrimStats:
             "trim_ms": round(self.total_ms, 4),
             "encoder_signal": self.encoder_signal or None,
             "signal_ms": round(self.signal_ms, 4),
+            "plan_ms": round(self.plan_ms, 4),
             "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
             "samples": [self._sample_dict(b) for b in range(len(self.segments))],
         }
@@ -214,6 +222,41 @@ def select_segment(
     return sel, (time.perf_counter() - start) * 1000.0
 
 
+def _select_encoded(
+    selector: Selector, x: torch.Tensor, retain: float, seg: Segment, text: torch.Tensor | None,
+    want_attention: bool, method_name: str,
+) -> tuple[Selection, float]:
+    """The method on the frames the vision encoder saw (``seg.encoded_frames``), keeping exactly
+    ``round(r·T·M)`` of the segment's tokens among them, mapped back to the segment's indices.
+    The other frames' tokens were never computed; none of them is kept."""
+    T, M = seg.num_frames, seg.tokens_per_frame
+    frames = seg.encoded_frames.to(x.device)
+    n = frames.numel()
+    sub = dataclasses.replace(
+        seg, grid=(n, seg.grid[1], seg.grid[2]), positions=seg.positions.reshape(T, M)[frames.to(seg.positions.device)].reshape(-1),
+        encoder_attention=None if seg.encoder_attention is None else seg.encoder_attention[frames],
+        encoder_received=None if seg.encoder_received is None else seg.encoder_received[frames],
+        encoded_frames=None,
+    )
+    if getattr(selector, "keeps_all", False):  # in-LLM methods: every encoded token enters the LLM
+        inner_retain, want = 1.0, None
+    else:
+        want, inner_retain = budget_within(T, M, retain, n)
+    sel, ms = select_segment(selector, x[frames], inner_retain, sub, text, want_attention)
+    _check_selection(sel, n * M, n, method_name)
+    if want is not None and sel.keep.numel() != want:
+        raise RuntimeError(f"method {method_name!r} kept {sel.keep.numel()} of the encoded frames' tokens; "
+                           f"the budget is {want}")
+    keep = frames.to(sel.keep.device)[sel.keep // M] * M + sel.keep % M
+    counts = torch.zeros(T, dtype=torch.int64)
+    counts[frames.cpu()] = sel.frame_counts.cpu().to(torch.int64)
+    weights = None
+    if sel.frame_weights is not None:
+        weights = torch.zeros(T, dtype=sel.frame_weights.dtype)
+        weights[frames.cpu()] = sel.frame_weights.cpu()
+    return Selection(keep=keep, frame_counts=counts, features=sel.features, frame_weights=weights, order=sel.order), ms
+
+
 def trim(
     prepared: Prepared,
     selector: Selector,
@@ -255,7 +298,10 @@ def trim(
         for seg in prepared.segments[b]:
             T, M = seg.num_frames, seg.tokens_per_frame
             x = row[seg.positions].reshape(T, M, D)
-            sel, ms = select_segment(selector, x, retain, seg, text, want_attention)
+            if seg.encoded_frames is not None:
+                sel, ms = _select_encoded(selector, x, retain, seg, text, want_attention, method_name)
+            else:
+                sel, ms = select_segment(selector, x, retain, seg, text, want_attention)
             _check_selection(sel, T * M, T, method_name)
             keep_mask[seg.positions] = False
             kept_pos = seg.positions[sel.keep.to(seg.positions.device)]
@@ -276,6 +322,7 @@ def trim(
                     frame_counts=[int(c) for c in sel.frame_counts.tolist()],
                     score_ms=ms,
                     temporal_patch=seg.temporal_patch,
+                    frames_encoded=None if seg.encoded_frames is None else [int(t) for t in seg.encoded_frames],
                 )
             )
         if replaced:
@@ -309,6 +356,7 @@ def trim(
                          seq_before=seq_before, seq_after=lengths, keep=keeps, emitted=emitted,
                          total_ms=(time.perf_counter() - start) * 1000.0, replaced=replaced_all,
                          question=questions, encoder_signal=prepared.encoder_signal, signal_ms=prepared.signal_ms,
+                         plan_ms=prepared.plan_ms,
                          attention_mask=new_mask, position_ids=new_pos)
 
     if identity:  # nothing removed (e.g. in-LLM methods decide later): no copy of the inputs
