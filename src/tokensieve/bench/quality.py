@@ -46,9 +46,10 @@ def parse_retains(text: str) -> list[float]:
     return out
 
 
-def split_method(text: str) -> tuple[str, dict[str, Any]]:
+def split_method(text: str, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """``"name"`` or ``"name:KEY=VALUE:KEY=VALUE"`` (method options, values as ``tokensieve run -o``
-    reads them) → ``(name, options)``; unknown methods and options are errors."""
+    reads them; the encoder stage's ``encoder_frames`` / ``encoder_policy`` too) → ``(name,
+    options)``; unknown methods and options are errors. ``extra`` options are checked with them."""
     import argparse
 
     import tokensieve
@@ -63,7 +64,10 @@ def split_method(text: str) -> tuple[str, dict[str, Any]]:
         except argparse.ArgumentTypeError as exc:
             raise InputError(f"method {text!r}: options go as name:KEY=VALUE[:KEY=VALUE]; {exc}") from None
         options[key] = value
-    spec.create(**options)  # unknown or invalid options fail here, before anything runs
+    from tokensieve.methods.encoder import encoder_stage
+
+    _, own = encoder_stage({**options, **(extra or {})})  # the stage's values are checked as it is built
+    spec.create(**own)  # unknown or invalid options fail here, before anything runs
     return name, options
 
 
