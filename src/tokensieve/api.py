@@ -11,10 +11,12 @@ from . import methods as _methods
 from .errors import InputError
 from .methods.budget import check_retain
 from .methods.encoder import encoder_stage
+from .methods.tome import merge_spec
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
 from .runtime.inllm import check_ranking_layers
 from .runtime.patch import check_transformers, lm_shape
+from .runtime.tower import check_tower
 
 
 class TrimHandle:
@@ -86,6 +88,10 @@ def compress(
             pre-LLM method then keeps its ``round(retain · N)`` tokens among the encoded frames
             (give only ``encoder_policy`` to encode the fewest frames that hold them); an in-LLM
             method receives the encoded frames' tokens and prunes them at its own ratio.
+            ``encoder_merge`` (in (0, 1]) merges tokens inside the vision tower's blocks (ToMe,
+            with proportional attention) down to that fraction, from block
+            ``encoder_merge_start`` (default 0) through the one the projector reads, then
+            unmerges them: the tower is cheaper and every count after it is unchanged.
 
     Every argument is validated before the model is touched; an invalid call leaves the
     model unchanged. Compressing an already compressed model is an error.
@@ -95,7 +101,8 @@ def compress(
     value = check_retain(retain)
     if positions is not None and positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
-    stage, method_options = encoder_stage(options)
+    merge, options_left = merge_spec(options)
+    stage, method_options = encoder_stage(options_left)
     method = spec.create(**method_options)
     if stage is None:
         stage = getattr(method, "encoder", None)  # the encoder stage as a method (keyframes)
@@ -108,6 +115,7 @@ def compress(
         if spec.stage != "in-llm" and stage.frames is not None and stage.frames < value:
             raise InputError(f"encoder_frames={stage.frames} encodes fewer frames than retain={value} keeps tokens; "
                              "encoder_frames must be at least retain")
+    tower_layout = check_tower(adapter.tower_layout(model), merge, type(model).__name__) if merge is not None else None
     num_layers = lm_shape(model)[3]
     for_depth = getattr(method, "for_depth", None)  # depth="scaled": published layers placed on this depth
     if for_depth is not None:
@@ -150,6 +158,8 @@ def compress(
         dp=dp,
         lm_calls=lm_calls,
         encoder=stage,
+        tower_merge=merge,
+        tower_layout=tower_layout,
     )
     install(model, state)
     return TrimHandle(model, state)

@@ -65,8 +65,10 @@ def split_method(text: str, extra: dict[str, Any] | None = None) -> tuple[str, d
             raise InputError(f"method {text!r}: options go as name:KEY=VALUE[:KEY=VALUE]; {exc}") from None
         options[key] = value
     from tokensieve.methods.encoder import encoder_stage
+    from tokensieve.methods.tome import merge_spec
 
-    _, own = encoder_stage({**options, **(extra or {})})  # the stage's values are checked as it is built
+    _, own = merge_spec({**options, **(extra or {})})  # the encoder stages' values are checked as they are built
+    _, own = encoder_stage(own)
     spec.create(**own)  # unknown or invalid options fail here, before anything runs
     return name, options
 

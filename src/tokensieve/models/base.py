@@ -82,6 +82,30 @@ class Prepared:
     plan_ms: float = 0.0
 
 
+@dataclass
+class TowerLayout:
+    """Where token merging runs in a vision tower (``Adapter.tower_layout``): a pre-norm ViT whose
+    blocks compute ``x + Attn(norm1 x)`` then ``x + MLP(norm2 x)`` on ``[items, tokens, D]``.
+
+    Attributes:
+        encoder: the module whose forward is one pass of the tower over a batch of items.
+        blocks: its blocks in order.
+        last: index of the block whose output the projector reads.
+        heads: attention heads of a block.
+        tokens: tokens of one item (frame, tile) entering the blocks.
+        names: attribute names in a block of ``(norm1, attention, norm2, mlp)`` and, in the
+            attention module, of the key projection.
+    """
+
+    encoder: torch.nn.Module
+    blocks: list[torch.nn.Module]
+    last: int
+    heads: int
+    tokens: int
+    names: tuple[str, str, str, str, str]
+    attn_implementation: str
+
+
 #: ``plan(signatures [T, F], tokens_per_frame) -> [K_t]`` ascending token frames to encode
 FramePlan = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -202,6 +226,10 @@ class Adapter:
             else:
                 mask = torch.ones_like(input_ids)
         return mask.long()
+
+    def tower_layout(self, model: torch.nn.Module) -> TowerLayout | None:
+        """Where token merging can run in this model's vision tower; ``None``: it cannot (yet)."""
+        return None
 
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
                 frame_plan: FramePlan | None = None) -> Prepared:

@@ -32,6 +32,7 @@ from .base import (
     FramePlan,
     Prepared,
     Segment,
+    TowerLayout,
     mask_positions,
     order_segments,
     scatter_frames,
@@ -174,6 +175,23 @@ class LlavaOnevisionAdapter(Adapter):
             plan_ms=plan_ms,
         )
 
+
+    def tower_layout(self, model: torch.nn.Module) -> TowerLayout | None:
+        """SigLIP's encoder: its layers are pre-norm blocks (``layer_norm1``, ``self_attn``,
+        ``layer_norm2``, ``mlp``); the projector reads ``vision_feature_layer``'s output."""
+        inner = model.model
+        tower = getattr(inner, "vision_tower", None)
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        block = _feature_block(inner, None)
+        if encoder is None or block is None:
+            return None
+        blocks = list(encoder.layers)
+        attn = block.self_attn
+        vc = model.config.vision_config
+        return TowerLayout(encoder=encoder, blocks=blocks, last=blocks.index(block), heads=int(attn.num_heads),
+                           tokens=(vc.image_size // vc.patch_size) ** 2,
+                           names=("layer_norm1", "self_attn", "layer_norm2", "mlp", "k_proj"),
+                           attn_implementation=str(tower.config._attn_implementation))
 
     # -- cloud–device collaboration ---------------------------------------------------------
 

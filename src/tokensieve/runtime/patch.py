@@ -34,6 +34,7 @@ from ..models.base import Adapter, Prepared
 from . import compat
 from .inllm import LMForward, Pending
 from .repad import mask_positions, repad, row_slot
+from .tower import TowerMerge
 from .trim import Trimmed, TrimStats, trim
 
 STATE_ATTR = "_tokensieve_state"
@@ -80,6 +81,11 @@ class TrimState:
     #: the encoder stage (:class:`~tokensieve.methods.encoder.EncoderStage`): which frames of each
     #: video the vision tower encodes; ``None``: all of them
     encoder: Any = None
+    #: token merging inside the vision tower (:class:`~tokensieve.methods.tome.MergeSpec`) and the
+    #: tower's layout; the installed :class:`~.tower.TowerMerge` while compressed
+    tower_merge: Any = None
+    tower_layout: Any = None
+    tower: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TrimState":
         """A deep copy of a compressed model is compressed the same way and independent: its
@@ -210,6 +216,8 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         want_attention=needs_attention,
         pad_id=_pad_id(model),
     )
+    if state.tower is not None:
+        trimmed.stats.encoder_tokens = list(state.tower.merged_counts)
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
     state.lm_extras = _lm_extras(state.adapter, prepared, trimmed)
     trimmed.stats.lm_shape = lm_shape(model)
@@ -572,6 +580,8 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
         state.saved[name] = model.__dict__.get(name, _MISSING)
     originals = {"forward": model.forward, "generate": model.generate}
     setattr(model, STATE_ATTR, state)
+    if state.tower_merge is not None:
+        state.tower = TowerMerge(state.tower_layout, state.tower_merge)
     model.forward = _Forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _Generate(model, state, originals["generate"])  # type: ignore[method-assign]
     if state.uses_lm_loop or state.adapter.visual_mask_key is not None:
@@ -601,6 +611,9 @@ def uninstall(model: torch.nn.Module) -> None:
         lm.__dict__.pop("forward", None)
         if state.saved["lm_forward"] is not _MISSING:
             lm.__dict__["forward"] = state.saved["lm_forward"]
+    if state.tower is not None:
+        state.tower.remove()
+        state.tower = None
     state.pending = state.session = state.lm_extras = None
     state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
     delattr(model, STATE_ATTR)
