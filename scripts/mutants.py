@@ -303,6 +303,38 @@ class PDrop(InLLMMethod):''',
         "            q = (q.float() * 1.0)",
         ("tests/test_signals.py::test_siglip_received_attention_is_the_towers_own",),
     ),
+    Mutant(
+        "encoder-frames-misplaced", "the encoded frames' features land on the wrong frames", "models/base.py",
+        "    rows = (kept.to(encoded.device)[:, None] * per_frame",
+        "    rows = (kept.flip(0).to(encoded.device)[:, None] * per_frame",
+        ("tests/test_encoder_stage.py::test_skipping_frames_matches_the_unpatched_model_on_the_kept_tokens",),
+    ),
+    Mutant(
+        "encoder-keep-not-mapped", "kept indices among the encoded frames are not mapped back to the video",
+        "runtime/trim.py",
+        "    keep = frames.to(sel.keep.device)[sel.keep // M] * M + sel.keep % M",
+        "    keep = sel.keep",
+        ("tests/test_encoder_stage.py::test_skipping_frames_matches_the_unpatched_model_on_the_kept_tokens",),
+    ),
+    Mutant(
+        "encoder-dp-latest-tie", "the frame DP takes the latest of equal-cost next frames", "methods/encoder.py",
+        "                j = int(idx[i + 1 : T][cand == best][0])",
+        "                j = int(idx[i + 1 : T][cand == best][-1])",
+        ("tests/test_encoder_stage.py::test_dp_keeps_one_frame_per_scene_and_ties_go_early",),
+    ),
+    Mutant(
+        "tome-no-proportional-attention", "merged tokens attend as one token, not by their size",
+        "methods/tome.py",
+        "        if bool((self.sizes == 1).all()):",
+        "        if True:",
+        ("tests/test_encoder_merge.py::test_merged_tower_equals_duplication_through_the_unpatched_blocks",),
+    ),
+    Mutant(
+        "tome-least-similar", "ToMe merges the least similar A tokens", "methods/tome.py",
+        "    order = torch.sort(-best, dim=-1, stable=True).indices",
+        "    order = torch.sort(best, dim=-1, stable=True).indices",
+        ("tests/test_encoder_merge.py::test_merged_tower_equals_duplication_through_the_unpatched_blocks",),
+    ),
 )
 
 
