@@ -24,11 +24,12 @@ N_NEW = 4
 
 
 @settings(max_examples=300, deadline=None)
-@given(n0=st.integers(1, 800), keep_frac=st.floats(0.0, 1.0), layers=st.integers(1, 30))
-def test_schedule_merges_exactly_down_to_the_count(n0, keep_frac, layers):
+@given(n0=st.integers(1, 800), keep_frac=st.floats(0.0, 1.0), layers=st.integers(1, 30),
+       policy=st.sampled_from(["even", "early"]))
+def test_schedule_merges_exactly_down_to_the_count(n0, keep_frac, layers, policy):
     keep = max(1, min(n0, round(keep_frac * n0)))
     try:
-        rs = merge_schedule(n0, keep, layers)
+        rs = merge_schedule(n0, keep, layers, policy)
     except InputError:  # only when halving in every block cannot get there
         assert n0 > keep * 2**layers
         return
@@ -42,6 +43,7 @@ def test_schedule_merges_exactly_down_to_the_count(n0, keep_frac, layers):
 def test_schedule_is_even_with_the_remainder_first():
     assert merge_schedule(729, 182, 26) == [22] * 1 + [21] * 25
     assert merge_schedule(10, 2, 3) == [3, 3, 2]
+    assert merge_schedule(729, 182, 26, "early") == [364, 182, 1] + [0] * 23  # halve until the count
     with pytest.raises(InputError, match="cannot merge"):
         merge_schedule(64, 16, 1)
     assert merge_schedule(14, 2, 4) == [3, 3, 4, 2]  # the even 3, 3, 3, 3 would leave 5 for the last block
@@ -144,8 +146,9 @@ def _reference_tower(encoder, x: torch.Tensor, spec: MergeSpec, last: int) -> to
     return x
 
 
-@pytest.mark.parametrize("keep,start", [(0.5, 0), (0.3, 0), (0.6, 1)])
-def test_merged_tower_equals_duplication_through_the_unpatched_blocks(keep, start):
+@pytest.mark.parametrize("keep,start,schedule", [(0.5, 0, "even"), (0.3, 0, "even"), (0.6, 1, "even"),
+                                                 (0.3, 0, "early")])
+def test_merged_tower_equals_duplication_through_the_unpatched_blocks(keep, start, schedule):
     model = _deep_tower_llava()
     encoder = _encoder(model)
     layout = tokensieve.models.get_adapter(model).tower_layout(model)
@@ -153,7 +156,7 @@ def test_merged_tower_equals_duplication_through_the_unpatched_blocks(keep, star
         pytest.skip("tiny tower too shallow")
     x = torch.randn(3, layout.tokens, encoder.layers[0].layer_norm1.normalized_shape[0],
                     generator=torch.Generator().manual_seed(3))
-    spec = MergeSpec(keep=keep, start=start)
+    spec = MergeSpec(keep=keep, start=start, schedule_policy=schedule)
     want = _reference_tower(encoder, x.clone(), spec, layout.last)
     from tokensieve.runtime.tower import TowerMerge
 
@@ -250,6 +253,7 @@ def test_merge_refusals_leave_the_model_unpatched(llava):
         (llava, {"encoder_merge": 0.1}, "cannot merge"),
         (llava, {"encoder_merge": 0.5, "encoder_merge_start": 5}, "past the block"),
         (llava, {"encoder_merge_start": 0}, "needs encoder_merge"),
+        (llava, {"encoder_merge": 0.5, "encoder_merge_schedule": "late"}, "encoder_merge_schedule must be one of"),
         (qwen, {"encoder_merge": 0.5}, "LLaVA-OneVision's SigLIP tower only"),
     ]
     for model, options, message in cases:

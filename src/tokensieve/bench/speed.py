@@ -437,21 +437,19 @@ uncompressed one — what a user waits for. *Scoring ms* includes choosing those
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from ..report.draw import line_chart
+    """Prefill and end-to-end speed-up of every configuration against its uncompressed run."""
+    from ..report.draw import bar_chart
 
-    series: dict[str, list[tuple[float, float]]] = {}
-    ideal: dict[float, float] = {}
+    groups: dict[str, dict[str, float]] = {}
     for r in result["rows"]:
         if r["method"] == "none" or "error" in r:
             continue
-        series.setdefault(r["method"], []).append((r["retain"], r["prefill_speedup"]))
-        ideal[r["retain"]] = max(ideal.get(r["retain"], 0.0), r["flop_ideal_speedup"])
-    series = {k: sorted(v) for k, v in series.items()}
-    if ideal:
-        series["FLOP ideal (best)"] = sorted(ideal.items())
-    top = max([y for pts in series.values() for _, y in pts] + [1.0]) * 1.1
-    line_chart(series, title=f"LLM prefill speed-up vs retain ({result['label']})", xlabel="retain",
-               ylabel="speed-up ×", ylim=(0.0, top), hline=(1.0, "uncompressed"), path=path)
+        groups[f"{r['frames']}f {r['method']} @{r['retain']:g}"] = {
+            "LLM prefill": r["prefill_speedup"], "end to end": r["end_to_end_speedup"],
+            "prefill FLOP ideal": r["flop_ideal_speedup"]}
+    tower = "full tower" if result.get("vision_layers") is None else f"tower cut to {result['vision_layers']} layers"
+    bar_chart(groups, title=f"speed-up against the uncompressed model ({result['label']}, {tower})",
+              ylabel="speed-up (times)", hline=(1.0, "1x"), path=path)
 
 
 def run(args: argparse.Namespace) -> int:

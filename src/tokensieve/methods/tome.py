@@ -29,14 +29,20 @@ import torch
 from ..errors import InputError
 
 
-def merge_schedule(n0: int, keep: int, layers: int) -> list[int]:
+SCHEDULES = ("even", "early")
+
+
+def merge_schedule(n0: int, keep: int, layers: int, policy: str = "even") -> list[int]:
     """Tokens merged in each of ``layers`` consecutive blocks so that ``keep`` of ``n0`` remain.
 
     The ``n0 − keep`` merges are split as evenly as possible (the earlier blocks take the
     remainder), within what bipartite matching allows — a block merges at most half of what it
     sees, so before block ``l`` at most ``keep·2^(L−l)`` tokens may remain — which moves work to
-    earlier blocks when the even split would leave too much for the last ones. Depends on
-    ``(n0, keep, layers)`` only; raises :class:`InputError` when ``n0 > keep·2^layers``."""
+    earlier blocks when the even split would leave too much for the last ones. ``policy="early"``
+    merges as much as each block allows from the first one on (``⌊n/2⌋`` until ``keep`` remain):
+    the later blocks then run on ``keep`` tokens, the cheapest tower for a given count (ToMe
+    §4.1 compares such decreasing schedules with the constant one). Depends on ``(n0, keep,
+    layers, policy)`` only; raises :class:`InputError` when ``n0 > keep·2^layers``."""
     if not 1 <= keep <= n0:
         raise InputError(f"token merging must keep between 1 and {n0} tokens, got {keep}")
     if layers < 1:
@@ -46,6 +52,15 @@ def merge_schedule(n0: int, keep: int, layers: int) -> list[int]:
             f"{layers} blocks cannot merge {n0} tokens down to {keep} (each merges at most half of what it "
             "sees); keep more tokens or merge from an earlier block"
         )
+    if policy not in SCHEDULES:
+        raise InputError(f"encoder_merge_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {policy!r}")
+    if policy == "early":
+        out, n = [], n0
+        for _ in range(layers):
+            r = min(n // 2, n - keep)
+            out.append(r)
+            n -= r
+        return out
     total = n0 - keep
     share = [total // layers + (1 if i < total % layers else 0) for i in range(layers)]
     out, n = [], n0
@@ -127,7 +142,7 @@ def head_mean_keys(keys: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 #: compress(...) keywords that configure token merging inside the vision tower
-MERGE_OPTION_NAMES = ("encoder_merge", "encoder_merge_start")
+MERGE_OPTION_NAMES = ("encoder_merge", "encoder_merge_start", "encoder_merge_schedule")
 
 
 @dataclass(frozen=True)
@@ -139,10 +154,13 @@ class MergeSpec:
             block, in ``(0, 1]``: ``K = round(keep·n₀)`` (at least 1); ``1`` merges nothing.
         start: the first block that merges (0 = the first block); merging runs through the block
             whose output the projector reads, then every position takes its group's vector.
+        schedule: ``"even"`` (the merges split evenly over the blocks) or ``"early"`` (each block
+            merges as much as it can until the count is reached); :func:`merge_schedule`.
     """
 
     keep: float = 1.0
     start: int = 0
+    schedule_policy: str = "even"
 
     def __post_init__(self) -> None:
         k = self.keep
@@ -152,6 +170,9 @@ class MergeSpec:
         s = self.start
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise InputError(f"encoder_merge_start must be a block index >= 0, got {s!r}")
+        if self.schedule_policy not in SCHEDULES:
+            raise InputError(f"encoder_merge_schedule must be one of {', '.join(map(repr, SCHEDULES))}, "
+                             f"got {self.schedule_policy!r}")
 
     def tokens_left(self, n0: int) -> int:
         return max(1, min(n0, int(float(self.keep) * n0 + 0.5)))
@@ -161,7 +182,7 @@ class MergeSpec:
         if self.start >= blocks:
             raise InputError(f"encoder_merge_start={self.start} is past the tower's {blocks} blocks that run "
                              f"before its features are read (indices 0..{blocks - 1})")
-        return merge_schedule(n0, self.tokens_left(n0), blocks - self.start)
+        return merge_schedule(n0, self.tokens_left(n0), blocks - self.start, self.schedule_policy)
 
 
 def merge_spec(options: dict[str, object]) -> tuple[MergeSpec | None, dict[str, object]]:
@@ -169,10 +190,12 @@ def merge_spec(options: dict[str, object]) -> tuple[MergeSpec | None, dict[str, 
     and the rest."""
     rest = {k: v for k, v in options.items() if k not in MERGE_OPTION_NAMES}
     if "encoder_merge" not in options:
-        if "encoder_merge_start" in options:
-            raise InputError("encoder_merge_start needs encoder_merge (the fraction of tower tokens kept)")
+        extra = [k for k in MERGE_OPTION_NAMES if k in options]
+        if extra:
+            raise InputError(f"{extra[0]} needs encoder_merge (the fraction of tower tokens kept)")
         return None, rest
     from .base import as_scalar
 
     return MergeSpec(keep=as_scalar(options["encoder_merge"]),  # type: ignore[arg-type]
-                     start=as_scalar(options.get("encoder_merge_start", 0))), rest  # type: ignore[arg-type]
+                     start=as_scalar(options.get("encoder_merge_start", 0)),  # type: ignore[arg-type]
+                     schedule_policy=options.get("encoder_merge_schedule", "even")), rest  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Pictures drawn with Pillow alone: kept-patch strips and accuracy-vs-retain line charts."""
+"""Pictures drawn with Pillow alone: kept-patch strips, accuracy-vs-retain line charts and
+grouped bar charts (speed-ups per configuration)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PALETTE", "kept_patches_strip", "line_chart"]
+__all__ = ["PALETTE", "bar_chart", "kept_patches_strip", "line_chart"]
 
 #: Line colours of the charts, one per series, in order.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -157,6 +158,56 @@ def line_chart(
         ly = top + 6 + i * 18
         draw.line((left + pw + 12, ly + 7, left + pw + 32, ly + 7), fill=colour, width=3)
         draw.text((left + pw + 38, ly), name, fill=(0, 0, 0), font=small)
+    if path is not None:
+        canvas.save(str(path))
+    return canvas
+
+
+def bar_chart(
+    groups: dict[str, dict[str, float]],
+    *,
+    title: str,
+    ylabel: str,
+    hline: tuple[float, str] | None = None,
+    path: str | Path | None = None,
+) -> Image.Image:
+    """Grouped horizontal bars: one group per key of ``groups`` (a configuration), one bar per
+    series inside it (e.g. prefill and end-to-end speed-up), the value written at the bar's end."""
+    series = list(dict.fromkeys(k for g in groups.values() for k in g))
+    font, small = _font(14), _font(12)
+    label_w, right, top, bar_h, gap = 250, 90, 44, 14, 12
+    height = top + len(groups) * (len(series) * bar_h + gap) + 40 + 18 * len(series)
+    width = 900
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    hi = max([v for g in groups.values() for v in g.values()] + [hline[0] if hline else 0.0, 1e-9]) * 1.08
+    pw = width - label_w - right
+
+    def px(v: float) -> float:
+        return label_w + v / hi * pw
+
+    draw.text((10, 10), title, fill=(0, 0, 0), font=font)
+    y = top
+    for name, values in groups.items():
+        draw.text((10, y + (len(series) * bar_h) / 2 - 7), name[:38], fill=(0, 0, 0), font=small)
+        for i, key in enumerate(series):
+            if key in values:
+                v = values[key]
+                draw.rectangle((label_w, y, px(v), y + bar_h - 2), fill=PALETTE[i % len(PALETTE)])
+                draw.text((px(v) + 4, y), f"{v:.2f}", fill=(0, 0, 0), font=small)
+            y += bar_h
+        y += gap
+    if hline is not None:
+        value, label = hline
+        xx = px(value)
+        for y0 in range(top - 6, y, 8):
+            draw.line((xx, y0, xx, y0 + 4), fill=(120, 120, 120))
+        draw.text((xx + 3, top - 18), label, fill=(90, 90, 90), font=small)
+    draw.text((label_w, y + 2), ylabel, fill=(0, 0, 0), font=small)
+    for i, key in enumerate(series):
+        ly = y + 22 + i * 18
+        draw.rectangle((label_w, ly + 2, label_w + 16, ly + 12), fill=PALETTE[i % len(PALETTE)])
+        draw.text((label_w + 22, ly), key, fill=(0, 0, 0), font=small)
     if path is not None:
         canvas.save(str(path))
     return canvas
