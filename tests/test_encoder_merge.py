@@ -270,3 +270,19 @@ def test_merge_refusals_leave_the_model_unpatched(llava):
     finally:
         tower_cfg._attn_implementation = saved
     assert not tokensieve.is_compressed(llava)
+
+
+def test_a_deep_copy_merges_on_its_own_tower():
+    import copy
+
+    model = _deep_tower_llava()
+    kw = make_batch(model, "llava-onevision", [[("video", None)]], frames=4)
+    with tokensieve.compress(model, "vidcom2", retain=0.25, encoder_merge=0.5, encoder_merge_schedule="early"):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            want = model(**kw).logits
+            got = twin(**kw).logits
+        assert tokensieve.stats(twin).encoder_tokens == tokensieve.stats(model).encoder_tokens
+    torch.testing.assert_close(got, want)
+    tokensieve.restore(twin)
+    assert all("forward" not in blk.__dict__ for blk in _encoder(twin).layers)

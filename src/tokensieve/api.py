@@ -92,6 +92,8 @@ def compress(
             with proportional attention) down to that fraction, from block
             ``encoder_merge_start`` (default 0) through the one the projector reads, then
             unmerges them: the tower is cheaper and every count after it is unchanged.
+            ``encoder_cache_mb`` keeps the features of recent videos (up to that many MB, least
+            recently used out first): asking about the same video again skips the tower.
 
     Every argument is validated before the model is touched; an invalid call leaves the
     model unchanged. Compressing an already compressed model is an error.
@@ -101,6 +103,7 @@ def compress(
     value = check_retain(retain)
     if positions is not None and positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
+    cache_mb = options.pop("encoder_cache_mb", None) if "encoder_cache_mb" in options else None
     merge, options_left = merge_spec(options)
     stage, method_options = encoder_stage(options_left)
     method = spec.create(**method_options)
@@ -115,6 +118,12 @@ def compress(
         if spec.stage != "in-llm" and stage.frames is not None and stage.frames < value:
             raise InputError(f"encoder_frames={stage.frames} encodes fewer frames than retain={value} keeps tokens; "
                              "encoder_frames must be at least retain")
+    if cache_mb is not None:
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb > 0:
+            raise InputError(f"encoder_cache_mb must be a positive number of megabytes, got {cache_mb!r}")
+        if spec.stage != "in-llm" and spec.signals(method)[1]:
+            raise InputError(f"{spec.name!r} reads the vision tower's attention, which a cached video would not "
+                             "compute; use encoder_cache_mb with methods that read the features only")
     tower_layout = check_tower(adapter.tower_layout(model), merge, type(model).__name__) if merge is not None else None
     num_layers = lm_shape(model)[3]
     for_depth = getattr(method, "for_depth", None)  # depth="scaled": published layers placed on this depth
@@ -160,6 +169,7 @@ def compress(
         encoder=stage,
         tower_merge=merge,
         tower_layout=tower_layout,
+        cache_mb=cache_mb,
     )
     install(model, state)
     return TrimHandle(model, state)

@@ -34,6 +34,8 @@ from ..models.base import Adapter, Prepared
 from . import compat
 from .inllm import LMForward, Pending
 from .repad import mask_positions, repad, row_slot
+from ._missing import MISSING as _MISSING
+from .cache import FeatureCache
 from .tower import TowerMerge
 from .trim import Trimmed, TrimStats, trim
 
@@ -86,6 +88,9 @@ class TrimState:
     tower_merge: Any = None
     tower_layout: Any = None
     tower: Any = None
+    #: the video-feature cache's bound (MB) and the installed :class:`~.cache.FeatureCache`
+    cache_mb: Any = None
+    cache: Any = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TrimState":
         """A deep copy of a compressed model is compressed the same way and independent: its
@@ -218,6 +223,8 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
     )
     if state.tower is not None:
         trimmed.stats.encoder_tokens = list(state.tower.merged_counts)
+    if state.cache is not None:
+        trimmed.stats.encoder_cache = state.cache.summary()
     state.adapter.set_rope_deltas(model, trimmed.rope_deltas)
     state.lm_extras = _lm_extras(state.adapter, prepared, trimmed)
     trimmed.stats.lm_shape = lm_shape(model)
@@ -582,6 +589,8 @@ def install(model: torch.nn.Module, state: TrimState) -> None:
     setattr(model, STATE_ATTR, state)
     if state.tower_merge is not None:
         state.tower = TowerMerge(state.tower_layout, state.tower_merge)
+    if state.cache_mb is not None:
+        state.cache = FeatureCache(model.model, state.cache_mb)
     model.forward = _Forward(model, state, originals["forward"])  # type: ignore[method-assign]
     model.generate = _Generate(model, state, originals["generate"])  # type: ignore[method-assign]
     if state.uses_lm_loop or state.adapter.visual_mask_key is not None:
@@ -614,26 +623,9 @@ def uninstall(model: torch.nn.Module) -> None:
     if state.tower is not None:
         state.tower.remove()
         state.tower = None
+    if state.cache is not None:
+        state.cache.remove()
+        state.cache = None
     state.pending = state.session = state.lm_extras = None
     state.adapter.set_rope_deltas(model, None)  # type: ignore[arg-type]
     delattr(model, STATE_ATTR)
-
-
-class _Missing:
-    """Marks "the instance had no attribute of its own" in :attr:`TrimState.saved` (one object,
-    also through copies)."""
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
-        return self
-
-    def __copy__(self) -> "_Missing":
-        return self
-
-    def __reduce__(self) -> str:
-        return "_MISSING"
-
-
-_MISSING = _Missing()

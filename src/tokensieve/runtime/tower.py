@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ._missing import MISSING as _MISSING
 from ..methods.tome import MergeSpec, MergeState, bipartite_merge, head_mean_keys, unmerge
 from ..models.base import TowerLayout
 
@@ -53,13 +54,14 @@ class TowerMerge:
         self.handles: list[Any] = []
         self.merged_counts: list[int] = []  # tokens each merging block handed on, last pass
         norm1, attn, _, _, key = layout.names
-        self.handles.append(layout.encoder.register_forward_pre_hook(self._begin))
+        # hooks are objects, not closures, so a deep copy of the model gets its own (bound to its copy)
+        self.handles.append(layout.encoder.register_forward_pre_hook(_Begin(self)))
         for i in range(spec.start, layout.last + 1):
             block = layout.blocks[i]
             self.saved[i] = block.__dict__.get("forward", _MISSING)
             block.forward = _Block(self, i, block)  # type: ignore[method-assign]
             proj = getattr(getattr(block, attn), key)
-            self.handles.append(proj.register_forward_hook(lambda _m, _a, out, i=i: self.keys.__setitem__(i, out)))
+            self.handles.append(proj.register_forward_hook(_Keys(self, i)))
 
     def _begin(self, *_: Any) -> None:
         self.state, self.schedule, self.merged_counts = None, [], []
@@ -75,6 +77,26 @@ class TowerMerge:
                 block.__dict__["forward"] = prev
         self.state = None
         self.keys.clear()
+
+
+class _Begin:
+    """Encoder pre-hook: a new pass of the tower starts with no merging state."""
+
+    def __init__(self, owner: TowerMerge) -> None:
+        self.owner = owner
+
+    def __call__(self, *_: Any) -> None:
+        self.owner._begin()
+
+
+class _Keys:
+    """Key-projection hook: keeps the block's keys, ToMe's metric."""
+
+    def __init__(self, owner: TowerMerge, index: int) -> None:
+        self.owner, self.index = owner, index
+
+    def __call__(self, _module: Any, _args: Any, out: torch.Tensor) -> None:
+        self.owner.keys[self.index] = out
 
 
 class _Block:
@@ -115,11 +137,3 @@ class _Block:
             x = unmerge(x, o.state)
             o.state = None
         return x
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()

@@ -87,6 +87,8 @@ class TrimStats:
     plan_ms: float = 0.0
     #: token merging in the vision tower: tokens per frame (tile) after each merging block, last pass
     encoder_tokens: list[int] | None = None
+    #: the video-feature cache so far (hits, misses, entries, MB), when one is on
+    encoder_cache: dict[str, Any] | None = None
     #: in-LLM methods: per-layer visual counts and kept tokens (set when the prefill has run)
     inllm: Any = field(default=None, repr=False)
     #: (hidden, MLP width, key/value width, layers) of the language model, for FLOPs
@@ -132,6 +134,7 @@ class TrimStats:
             "signal_ms": round(self.signal_ms, 4),
             "plan_ms": round(self.plan_ms, 4),
             "encoder_tokens": self.encoder_tokens,
+            "encoder_cache": self.encoder_cache,
             "question_tokens": [int(q.numel()) for q in self.question] if self.question is not None else None,
             "samples": [self._sample_dict(b) for b in range(len(self.segments))],
         }
