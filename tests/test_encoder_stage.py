@@ -41,7 +41,7 @@ from tokensieve.methods.encoder import (
 )
 
 N_NEW = 4
-STAGE_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
+STAGE_ARCHS = ("llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "internvl")
 
 
 # --- counts: pure in (T, M, retain, options) -------------------------------------------------------
@@ -171,7 +171,7 @@ def models():
 
 
 def _batch(model, arch, batch, frames=8):
-    image = ("image", (40, 60)) if arch == "llava-onevision" else ("image", (4, 6))
+    image = ("image", (40, 60)) if arch == "llava-onevision" else ("image", (4, 6))  # InternVL: 3 tiles
     samples = [[image, ("video", None)]] if batch == 1 else [[("video", None)], [image, ("video", None)], [("video", None)]]
     return make_batch(model, arch, samples, frames=frames)
 
@@ -179,7 +179,7 @@ def _batch(model, arch, batch, frames=8):
 def _tower_inputs(model, arch):
     """Hook counting what the vision tower is given: frames (SigLIP) or patch rows (Qwen ViTs)."""
     seen: list[int] = []
-    if arch == "llava-onevision":
+    if arch in ("llava-onevision", "internvl"):
         module = model.model.vision_tower
         hook = module.register_forward_pre_hook(lambda _m, args, kw: seen.append(int((args or (kw["pixel_values"],))[0].shape[0])),
                                                 with_kwargs=True)
@@ -210,6 +210,8 @@ def test_encoder_runs_on_the_kept_frames_only(models, arch):
         assert all(c == 0 for t, c in enumerate(s.frame_counts) if t not in s.frames_encoded)
     if arch == "llava-onevision":  # images go first (their own call), then the videos' kept frames
         assert seen[-1] == sum(len(s.frames_encoded) for s in videos)
+    elif arch == "internvl":  # one call: the image's 3 tiles and the videos' kept frames, one tile each
+        assert seen[-1] == 3 + sum(len(s.frames_encoded) for s in videos)
     else:
         rows_per_frame = 8 * 8
         assert seen[-1] == sum(len(s.frames_encoded) for s in videos) * rows_per_frame
@@ -323,10 +325,6 @@ def test_refusals_leave_the_model_unpatched(models):
         with pytest.raises(InputError, match=message):
             tokensieve.compress(model, *args, **kwargs)
         assert not tokensieve.is_compressed(model)
-    internvl = models("internvl")
-    with pytest.raises(InputError, match="not implemented for InternVL"):
-        tokensieve.compress(internvl, "keyframes", retain=0.25)
-    assert not tokensieve.is_compressed(internvl)
 
 
 def test_bench_method_strings_take_the_encoder_options():

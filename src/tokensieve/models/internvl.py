@@ -30,12 +30,13 @@ frame-mean stand-in.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
 
 from ..errors import InputError
-from .base import Adapter, Prepared, Segment, mask_positions, order_segments
+from .base import Adapter, FramePlan, Prepared, Segment, mask_positions, order_segments
 
 #: at most this many tokens between two one-tile runs for them to be frames of one video
 #: (``</img>\nFrame12: <img>`` is 6–9 tokens in the InternVL tokenizers)
@@ -56,25 +57,36 @@ class InternVLAdapter(Adapter):
     style = "1d"
     visual_keys = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "mm_encoder_outputs")
 
-    encoder_stage_unsupported = ("an encoder stage is not implemented for InternVL yet (its video frames arrive as "
-                                 "separate tiles in pixel_values); it runs on LLaVA-OneVision and the Qwen-VL families")
-
     def prepare(self, model: torch.nn.Module, kwargs: dict[str, Any], encoder_attention: bool = False,
-                frame_plan: Any = None) -> Prepared:
+                frame_plan: FramePlan | None = None) -> Prepared:
         input_ids = self.require_ids(kwargs)
         inner = model.model
         cfg = model.config
         attention_mask = self.attention_mask(model, kwargs, input_ids)
         enc = dict(kwargs.get("mm_encoder_outputs") or {})
+        encoded: dict[tuple[int, int], torch.Tensor] = {}  # (sample, video start) → frames the tower saw
+        plan_ms = 0.0
         if enc.get("image") is None and kwargs.get("pixel_values") is not None:
             layer = kwargs.get("vision_feature_layer")
             strategy = kwargs.get("vision_feature_select_strategy")
+            pixels = kwargs["pixel_values"]
+            kept_tiles = None
+            if frame_plan is not None:
+                began = time.perf_counter()
+                kept_tiles, encoded = self._plan_tiles(model, input_ids, pixels, frame_plan)
+                pixels = pixels[kept_tiles.to(pixels.device)]
+                plan_ms = (time.perf_counter() - began) * 1000.0
             enc["image"] = inner.get_image_features(
-                pixel_values=kwargs["pixel_values"],
+                pixel_values=pixels,
                 vision_feature_layer=cfg.vision_feature_layer if layer is None else layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy if strategy is None else strategy,
                 return_dict=True,
             )
+            if kept_tiles is not None:  # the skipped frames' tiles are zeros; the runtime drops them
+                full = enc["image"].pooler_output.new_zeros((int(kwargs["pixel_values"].shape[0]),
+                                                             *enc["image"].pooler_output.shape[1:]))
+                full[kept_tiles.to(full.device)] = enc["image"].pooler_output
+                enc["image"].pooler_output = full
         embeds = inner.get_input_embeddings()(input_ids)
         per_sample: list[list[tuple[int, Segment]]] = [[] for _ in range(input_ids.shape[0])]
         if enc.get("image") is not None:
@@ -100,6 +112,7 @@ class InternVLAdapter(Adapter):
                 for start, group in self._group(runs, S):
                     if len(group) > 1:
                         seg = Segment(b, 0, "video", (len(group), side, side), torch.cat(group), group[0].new_zeros(0))
+                        seg.encoded_frames = encoded.get((b, start))
                     elif group[0].numel() == S:
                         seg = Segment(b, 0, "image", (1, side, side), group[0], group[0].new_zeros(0))
                     else:
@@ -113,7 +126,39 @@ class InternVLAdapter(Adapter):
             segments=order_segments(per_sample),
             style=self.style,
             encoder_signal="frame-mean" if encoder_attention else "",
+            plan_ms=plan_ms,
         )
+
+    def _plan_tiles(self, model: torch.nn.Module, input_ids: torch.Tensor, pixels: torch.Tensor,
+                    plan: FramePlan) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+        """The tiles to encode: every image tile, and of each video (one tile per frame, read from
+        the runs of context tokens as :meth:`prepare` reads them) the frames ``plan`` keeps from
+        their signatures (patch-mean colours). Returns the kept tile indices of ``pixel_values``
+        and, per ``(sample, video start)``, the kept frames."""
+        cfg = model.config
+        S = int(cfg.image_seq_length)
+        is_ctx = input_ids == cfg.image_token_id
+        patch = cfg.vision_config.patch_size
+        with torch.no_grad():
+            small = torch.nn.functional.avg_pool2d(pixels.float(), patch)
+        signatures = small.flatten(1)
+        keep: list[torch.Tensor] = []
+        encoded: dict[tuple[int, int], torch.Tensor] = {}
+        tile = 0
+        for b in range(input_ids.shape[0]):
+            for start, group in self._group(_runs(is_ctx[b].nonzero(as_tuple=True)[0]), S):
+                n = sum(int(run.numel()) // S for run in group)
+                if len(group) > 1:  # a video: one tile per frame
+                    kept = plan(signatures[tile : tile + n], S)
+                    encoded[(b, start)] = kept
+                    keep.append(kept + tile)
+                else:
+                    keep.append(torch.arange(tile, tile + n))
+                tile += n
+        if tile != pixels.shape[0]:
+            raise InputError(f"images: the input's context tokens make {tile} tiles of {S} tokens but pixel_values "
+                             f"holds {pixels.shape[0]} tiles; the processor and the pixel inputs do not match")
+        return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long), encoded
 
     @staticmethod
     def _group(runs: list[torch.Tensor], S: int) -> list[tuple[int, list[torch.Tensor]]]:
