@@ -199,12 +199,13 @@ def test_methods_table_and_json(capsys: Capsys) -> None:
     for name in ("vidcom2", "random", "uniform"):
         assert name in table
     assert "NAME" in table and "STAGE" in table
+    assert "encoder_frames" in table and "encoder_merge" in table and "encoder_cache_mb" in table
     assert main(["methods", "--json"]) == 0
     specs = json.loads(capsys.readouterr().out)
     names = {s["name"] for s in specs}
     assert {"vidcom2", "random", "uniform"} <= names
     for spec in specs:
-        assert spec["stage"] in ("pre-llm", "in-llm")
+        assert spec["stage"] in ("pre-encoder", "pre-llm", "in-llm")
         assert isinstance(spec["options"], dict) and isinstance(spec["budget_policies"], list)
         assert "factory" not in spec
 

@@ -287,7 +287,21 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             print(f"\n{spec.name} options:")
             for name, text in spec.options.items():
                 print(f"  {name}: {text}")
+    print("\nevery method also takes (the vision-encoder stages; README: Before and inside the vision encoder):")
+    for name, text in ENCODER_OPTIONS.items():
+        print(f"  {name}: {text}")
     return 0
+
+
+#: compress(...) options every method takes, shown by ``tokensieve methods``
+ENCODER_OPTIONS = {
+    "encoder_frames": "fraction of each video's frames the vision encoder sees, in (0, 1] (the others are never encoded)",
+    "encoder_policy": "how those frames are chosen from pixels: 'dp' (default), 'topk' or 'uniform'",
+    "encoder_merge": "merge tokens inside the vision tower down to this fraction, then unmerge (ToMe; LLaVA-OneVision)",
+    "encoder_merge_start": "first tower block that merges (default 0)",
+    "encoder_merge_schedule": "'even' (default) or 'early' (halve from the first block until the count)",
+    "encoder_cache_mb": "keep recent videos' features up to this many MB: a repeated video skips the tower",
+}
 
 
 # ---------------------------------------------------------------------------------------------
