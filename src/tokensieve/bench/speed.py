@@ -38,7 +38,7 @@ from .._argtypes import positive_int, writable_dir
 from ..errors import InputError
 from .arches import ARCHES, get_arch
 
-DEFAULT_METHODS = "vidcom2,flashvid,fastvid,holitom,random,uniform,lftr,visionzip,dycoke,fastv,pdrop,sparsevlm"
+DEFAULT_METHODS = "vidcom2,flashvid,fastvid,holitom,random,uniform,lftr,visionzip,dycoke,fastv,pdrop,sparsevlm,keyframes"
 FIELDS = (
     "vision_ms", "score_ms", "prefill_ms", "decode_ms_per_token", "end_to_end_ms", "peak_mb", "peak_rise_mb",
     "visual_tokens", "visual_kept", "llm_prefill_tflops",
