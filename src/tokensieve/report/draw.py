@@ -175,9 +175,11 @@ def bar_chart(
     series inside it (e.g. prefill and end-to-end speed-up), the value written at the bar's end."""
     series = list(dict.fromkeys(k for g in groups.values() for k in g))
     font, small = _font(14), _font(12)
-    label_w, right, top, bar_h, gap = 250, 90, 44, 14, 12
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 20 + int(max([measure.textlength(name, font=small) for name in groups] + [100.0]))
+    right, top, bar_h, gap = 90, 44, 14, 12
     height = top + len(groups) * (len(series) * bar_h + gap) + 40 + 18 * len(series)
-    width = 900
+    width = label_w + 560 + right
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     hi = max([v for g in groups.values() for v in g.values()] + [hline[0] if hline else 0.0, 1e-9]) * 1.08
@@ -189,7 +191,7 @@ def bar_chart(
     draw.text((10, 10), title, fill=(0, 0, 0), font=font)
     y = top
     for name, values in groups.items():
-        draw.text((10, y + (len(series) * bar_h) / 2 - 7), name[:38], fill=(0, 0, 0), font=small)
+        draw.text((10, y + (len(series) * bar_h) / 2 - 7), name, fill=(0, 0, 0), font=small)
         for i, key in enumerate(series):
             if key in values:
                 v = values[key]
