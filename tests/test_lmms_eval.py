@@ -204,6 +204,11 @@ def test_option_values_are_read_as_lmms_eval_leaves_them() -> None:
     assert coerce_options("lftr", {"spatial": '"off"'}) == {"spatial": "off"}
     with pytest.raises(InputError, match="layer"):
         coerce_options("fastv", {"layer": "two"})
+    # the vision-encoder stages every method takes
+    assert coerce_options("vidcom2", {"encoder_frames": "0.5", "encoder_merge": 0.5, "encoder_merge_schedule": "early"}) == {
+        "encoder_frames": 0.5, "encoder_merge": 0.5, "encoder_merge_schedule": "early"}
+    with pytest.raises(InputError, match="encoder_frames must be"):
+        coerce_options("vidcom2", {"encoder_frames": "2"})
 
 
 def test_generation_settings_and_stop_strings() -> None:

@@ -199,7 +199,12 @@ def test_methods_table_and_json(capsys: Capsys) -> None:
     for name in ("vidcom2", "random", "uniform"):
         assert name in table
     assert "NAME" in table and "STAGE" in table
-    assert "encoder_frames" in table and "encoder_merge" in table and "encoder_cache_mb" in table
+    from tokensieve.cli import ENCODER_OPTIONS
+    from tokensieve.methods.encoder import STAGE_OPTIONS
+
+    assert set(ENCODER_OPTIONS) == set(STAGE_OPTIONS)
+    for name in STAGE_OPTIONS:
+        assert f"  {name}: " in table
     assert main(["methods", "--json"]) == 0
     specs = json.loads(capsys.readouterr().out)
     names = {s["name"] for s in specs}

@@ -10,7 +10,7 @@ import torch
 from . import methods as _methods
 from .errors import InputError
 from .methods.budget import check_retain
-from .methods.encoder import encoder_stage
+from .methods.encoder import check_cache_mb, encoder_stage
 from .methods.tome import merge_spec
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
@@ -119,8 +119,7 @@ def compress(
             raise InputError(f"encoder_frames={stage.frames} encodes fewer frames than retain={value} keeps tokens; "
                              "encoder_frames must be at least retain")
     if cache_mb is not None:
-        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb > 0:
-            raise InputError(f"encoder_cache_mb must be a positive number of megabytes, got {cache_mb!r}")
+        cache_mb = check_cache_mb(cache_mb)
         if spec.stage != "in-llm" and spec.signals(method)[1]:
             raise InputError(f"{spec.name!r} reads the vision tower's attention, which a cached video would not "
                              "compute; use encoder_cache_mb with methods that read the features only")

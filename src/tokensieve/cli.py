@@ -445,7 +445,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = _method_options(args)
     if args.method != "none":
         spec = tokensieve.methods.get(args.method)  # unknown method or option: fail before any loading
-        selector = spec.create(**options)
+        from tokensieve.methods.encoder import method_options_only
+
+        selector = spec.create(**method_options_only(options))
         needs_text = spec.signals(selector)[0]
     elif options:
         raise InputError("method options were given with --method none")

@@ -64,12 +64,9 @@ def split_method(text: str, extra: dict[str, Any] | None = None) -> tuple[str, d
         except argparse.ArgumentTypeError as exc:
             raise InputError(f"method {text!r}: options go as name:KEY=VALUE[:KEY=VALUE]; {exc}") from None
         options[key] = value
-    from tokensieve.methods.encoder import encoder_stage
-    from tokensieve.methods.tome import merge_spec
+    from tokensieve.methods.encoder import method_options_only
 
-    _, own = merge_spec({**options, **(extra or {})})  # the encoder stages' values are checked as they are built
-    _, own = encoder_stage(own)
-    spec.create(**own)  # unknown or invalid options fail here, before anything runs
+    spec.create(**method_options_only({**options, **(extra or {})}))  # unknown or invalid options fail here, before anything runs
     return name, options
 
 

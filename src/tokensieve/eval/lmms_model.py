@@ -65,13 +65,15 @@ def coerce_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     method; unknown names raise :class:`InputError` listing the accepted ones."""
     spec = tokensieve.methods.get(method)
     out = {key: _text_value(value) for key, value in options.items()}
-    unknown = sorted(set(out) - set(spec.options))
+    from tokensieve.methods.encoder import STAGE_OPTIONS, method_options_only
+
+    unknown = sorted(set(out) - set(spec.options) - set(STAGE_OPTIONS))
     if unknown:
-        accepted = sorted(set(spec.options) | set(_OWN_ARGS))
+        accepted = sorted(set(spec.options) | set(_OWN_ARGS) | set(STAGE_OPTIONS))
         raise InputError(
             f"unknown --model_args for method {method!r}: {', '.join(unknown)}; accepted: {', '.join(accepted)}"
         )
-    spec.create(**out)  # invalid values fail here, naming the option and what it takes
+    spec.create(**method_options_only(out))  # invalid values fail here, naming the option and what it takes
     return out
 
 

@@ -42,6 +42,8 @@ from .budget import retained_count
 POLICIES = ("dp", "topk", "uniform")
 #: compress(...) keywords that configure the encoder stage of any method
 OPTION_NAMES = ("encoder_frames", "encoder_policy")
+#: every compress(...) keyword of the vision-encoder stages (frames, merging, the feature cache)
+STAGE_OPTIONS = OPTION_NAMES + ("encoder_merge", "encoder_merge_start", "encoder_merge_schedule", "encoder_cache_mb")
 
 
 def frame_distances(signatures: torch.Tensor) -> torch.Tensor:
@@ -157,6 +159,28 @@ class EncoderStage:
 
     def describe(self) -> str:
         return f"frames={'budget' if self.frames is None else self.frames}, policy={self.policy}"
+
+
+def check_cache_mb(value: object) -> float:
+    """``encoder_cache_mb``: a positive number of megabytes."""
+    from .base import as_scalar
+
+    value = as_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"encoder_cache_mb must be a positive number of megabytes, got {value!r}")
+    return float(value)
+
+
+def method_options_only(options: dict[str, object]) -> dict[str, object]:
+    """The method's own options of ``compress``'s keywords: the vision-encoder stages' options
+    (:data:`STAGE_OPTIONS`, which every method takes) are checked here and left out."""
+    from .tome import merge_spec
+
+    _, rest = merge_spec(options)
+    _, rest = encoder_stage(rest)
+    if "encoder_cache_mb" in rest:
+        check_cache_mb(rest.pop("encoder_cache_mb"))
+    return rest
 
 
 def encoder_stage(options: dict[str, object]) -> tuple[EncoderStage | None, dict[str, object]]:
