@@ -10,8 +10,7 @@ import torch
 from . import methods as _methods
 from .errors import InputError
 from .methods.budget import check_retain
-from .methods.encoder import check_cache_mb, encoder_stage
-from .methods.tome import merge_spec
+from .methods.encoder import stage_options
 from .models import get_adapter
 from .runtime import POSITION_MODES, TrimState, TrimStats, get_state, install, uninstall
 from .runtime.inllm import check_ranking_layers
@@ -103,9 +102,7 @@ def compress(
     value = check_retain(retain)
     if positions is not None and positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {', '.join(map(repr, POSITION_MODES))} or None, got {positions!r}")
-    cache_mb = options.pop("encoder_cache_mb", None) if "encoder_cache_mb" in options else None
-    merge, options_left = merge_spec(options)
-    stage, method_options = encoder_stage(options_left)
+    merge, stage, cache_mb, method_options = stage_options(options)
     method = spec.create(**method_options)
     if stage is None:
         stage = getattr(method, "encoder", None)  # the encoder stage as a method (keyframes)
@@ -118,11 +115,9 @@ def compress(
         if spec.stage != "in-llm" and stage.frames is not None and stage.frames < value:
             raise InputError(f"encoder_frames={stage.frames} encodes fewer frames than retain={value} keeps tokens; "
                              "encoder_frames must be at least retain")
-    if cache_mb is not None:
-        cache_mb = check_cache_mb(cache_mb)
-        if spec.stage != "in-llm" and spec.signals(method)[1]:
-            raise InputError(f"{spec.name!r} reads the vision tower's attention, which a cached video would not "
-                             "compute; use encoder_cache_mb with methods that read the features only")
+    if cache_mb is not None and spec.stage != "in-llm" and spec.signals(method)[1]:
+        raise InputError(f"{spec.name!r} reads the vision tower's attention, which a cached video would not "
+                         "compute; use encoder_cache_mb with methods that read the features only")
     tower_layout = check_tower(adapter.tower_layout(model), merge, type(model).__name__) if merge is not None else None
     num_layers = lm_shape(model)[3]
     for_depth = getattr(method, "for_depth", None)  # depth="scaled": published layers placed on this depth

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..errors import InputError
 from .base import SegmentContext, Selection, check_segment, validate_choice
 from .baselines import evenly_spaced
-from .budget import retained_count
+from .budget import retained_count, uniform_budget
 
 POLICIES = ("dp", "topk", "uniform")
 #: compress(...) keywords that configure the encoder stage of any method
@@ -157,9 +158,6 @@ class EncoderStage:
             budget_within(T, M, retain, kt)  # feasibility, before the encoder runs
         return kt
 
-    def describe(self) -> str:
-        return f"frames={'budget' if self.frames is None else self.frames}, policy={self.policy}"
-
 
 def check_cache_mb(value: object) -> float:
     """``encoder_cache_mb``: a positive number of megabytes."""
@@ -171,16 +169,22 @@ def check_cache_mb(value: object) -> float:
     return float(value)
 
 
+def stage_options(options: dict[str, object]) -> tuple[Any, EncoderStage | None, float | None, dict[str, object]]:
+    """``compress``'s keywords split into the vision-encoder stages they configure, each checked
+    as it is built — ``(MergeSpec or None, EncoderStage or None, encoder_cache_mb or None)`` — and
+    the method's own options."""
+    from .tome import merge_spec
+
+    merge, rest = merge_spec(options)
+    stage, rest = encoder_stage(rest)
+    cache_mb = check_cache_mb(rest.pop("encoder_cache_mb")) if "encoder_cache_mb" in rest else None
+    return merge, stage, cache_mb, rest
+
+
 def method_options_only(options: dict[str, object]) -> dict[str, object]:
     """The method's own options of ``compress``'s keywords: the vision-encoder stages' options
     (:data:`STAGE_OPTIONS`, which every method takes) are checked here and left out."""
-    from .tome import merge_spec
-
-    _, rest = merge_spec(options)
-    _, rest = encoder_stage(rest)
-    if "encoder_cache_mb" in rest:
-        check_cache_mb(rest.pop("encoder_cache_mb"))
-    return rest
+    return stage_options(options)[3]
 
 
 def encoder_stage(options: dict[str, object]) -> tuple[EncoderStage | None, dict[str, object]]:
@@ -215,8 +219,6 @@ class KeyFrames:
         """On the encoded frames ``[K_t, M, D]`` (or, without a stage, a whole segment):
         ``round(r·K_t·M)`` tokens spread evenly over frames and, within a frame, over its raster."""
         T, M, _ = check_segment(x)
-        k = retained_count(T, T * M, retain)
-        counts = torch.full((T,), k // T, dtype=torch.int64)
-        counts[: k % T] += 1
+        counts = uniform_budget(T, M, retained_count(T, T * M, retain))
         parts = [evenly_spaced(M, int(counts[t])) + t * M for t in range(T)]
         return Selection(keep=torch.cat(parts), frame_counts=counts)

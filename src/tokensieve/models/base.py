@@ -88,8 +88,7 @@ class TowerLayout:
     blocks compute ``x + Attn(norm1 x)`` then ``x + MLP(norm2 x)`` on ``[items, tokens, D]``.
 
     Attributes:
-        encoder: the module whose forward is one pass of the tower over a batch of items.
-        blocks: its blocks in order.
+        blocks: the tower's blocks in order.
         last: index of the block whose output the projector reads.
         heads: attention heads of a block.
         tokens: tokens of one item (frame, tile) entering the blocks.
@@ -97,7 +96,6 @@ class TowerLayout:
             attention module, of the key projection.
     """
 
-    encoder: torch.nn.Module
     blocks: list[torch.nn.Module]
     last: int
     heads: int

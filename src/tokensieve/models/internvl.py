@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Adapter, FramePlan, Prepared, Segment, mask_positions, order_segments
+from .base import Adapter, FramePlan, Prepared, Segment, mask_positions, order_segments, scatter_frames
 
 #: at most this many tokens between two one-tile runs for them to be frames of one video
 #: (``</img>\nFrame12: <img>`` is 6–9 tokens in the InternVL tokenizers)
@@ -83,10 +83,8 @@ class InternVLAdapter(Adapter):
                 return_dict=True,
             )
             if kept_tiles is not None:  # the skipped frames' tiles are zeros; the runtime drops them
-                full = enc["image"].pooler_output.new_zeros((int(kwargs["pixel_values"].shape[0]),
-                                                             *enc["image"].pooler_output.shape[1:]))
-                full[kept_tiles.to(full.device)] = enc["image"].pooler_output
-                enc["image"].pooler_output = full
+                enc["image"].pooler_output = scatter_frames(enc["image"].pooler_output, kept_tiles,
+                                                            int(kwargs["pixel_values"].shape[0]), 1)
         embeds = inner.get_input_embeddings()(input_ids)
         per_sample: list[list[tuple[int, Segment]]] = [[] for _ in range(input_ids.shape[0])]
         if enc.get("image") is not None:

@@ -188,7 +188,7 @@ class LlavaOnevisionAdapter(Adapter):
         blocks = list(encoder.layers)
         attn = block.self_attn
         vc = model.config.vision_config
-        return TowerLayout(encoder=encoder, blocks=blocks, last=blocks.index(block), heads=int(attn.num_heads),
+        return TowerLayout(blocks=blocks, last=blocks.index(block), heads=int(attn.num_heads),
                            tokens=(vc.image_size // vc.patch_size) ** 2,
                            names=("layer_norm1", "self_attn", "layer_norm2", "mlp", "k_proj"),
                            attn_implementation=str(tower.config._attn_implementation))
@@ -348,8 +348,7 @@ def _plan_frames(model: torch.nn.Module, pixels: torch.Tensor, plan: FramePlan) 
         raise InputError(f"pixel_values_videos must be [videos, frames, 3, H, W], got shape {tuple(pixels.shape)}")
     vc = model.config.vision_config
     V, T = pixels.shape[:2]
-    side = vc.image_size // vc.patch_size
-    M = math.ceil(side / 2) ** 2  # apply_pooling's bilinear 2× reduction
+    M = _pooled_per_frame(model.config)
     with torch.no_grad():
         small = torch.nn.functional.avg_pool2d(pixels.flatten(0, 1).float(), vc.patch_size)
     signatures = small.reshape(V, T, -1)
@@ -359,7 +358,11 @@ def _plan_frames(model: torch.nn.Module, pixels: torch.Tensor, plan: FramePlan) 
     return kept
 
 
-def _infer_frames(n_content: int, cfg: Any) -> int:
+def _pooled_per_frame(cfg: Any) -> int:
+    """Tokens of one video frame after ``apply_pooling``'s bilinear 2× reduction of the patch grid."""
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    per_frame = math.ceil(side / 2) ** 2
-    return max(1, n_content // per_frame)
+    return math.ceil(side / 2) ** 2
+
+
+def _infer_frames(n_content: int, cfg: Any) -> int:
+    return max(1, n_content // _pooled_per_frame(cfg))

@@ -144,13 +144,14 @@ class Qwen2VLAdapter(Adapter):
             return inner.get_video_features(pixels, grid, return_dict=True), None, 0.0
         began = time.perf_counter()
         merge = int(model.config.vision_config.spatial_merge_size)
+        area = _patch_area(model)
         rows, kept_frames, sub_grid, start = [], [], [], 0
         for t, h, w in (tuple(int(v) for v in g) for g in grid.tolist()):
             n = h * w
             video = pixels[start : start + t * n]
             start += t * n
             with torch.no_grad():  # a temporal patch's signature: each patch's mean per channel and frame
-                signature = video.float().reshape(t, n * video.shape[-1] // _patch_area(model), _patch_area(model)).mean(-1)
+                signature = video.float().reshape(t, n * video.shape[-1] // area, area).mean(-1)
             kept = frame_plan(signature, n // merge**2)
             kept_frames.append(kept)
             rows.append(video.reshape(t, n, -1)[kept.to(video.device)].reshape(-1, video.shape[-1]))

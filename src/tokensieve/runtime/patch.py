@@ -199,9 +199,7 @@ def _run_trim(model: torch.nn.Module, state: TrimState, kw: dict[str, Any]) -> t
         not isinstance(question_mask, torch.Tensor) or tuple(question_mask.shape) != tuple(ids.shape)
     ):
         raise InputError(f"{QUESTION_KEY} must be a bool tensor shaped like input_ids {tuple(ids.shape)}")
-    plan = _frame_plan(state)
-    prepared = (state.adapter.prepare(model, kw, encoder_attention=needs_attention, frame_plan=plan)
-                if plan is not None else state.adapter.prepare(model, kw, encoder_attention=needs_attention))
+    prepared = state.adapter.prepare(model, kw, encoder_attention=needs_attention, frame_plan=_frame_plan(state))
     questions = _questions(model, state, prepared, question_mask) if needs_text else None
     user_pos = kw.get("position_ids")
     if user_pos is not None:

@@ -8,7 +8,7 @@ tokens have merged. After the last of them every original position takes its gro
 so the projector, the pooling, the placeholders and the language model see the grid they
 expect: the saving is the tower's, and any pre-LLM or in-LLM method runs after it unchanged.
 
-The merging state lives for one pass of the tower (a pre-hook on the encoder starts it); every
+The merging state lives for one pass of the tower (its first merging block starts it); every
 item (a video frame, an image tile) merges on its own, all to the same count. With nothing to
 merge (``keep = 1``) a block runs exactly the operations of the original forward.
 """
@@ -54,18 +54,13 @@ class TowerMerge:
         self.handles: list[Any] = []
         self.merged_counts: list[int] = []  # tokens each merging block handed on, last pass
         norm1, attn, _, _, key = layout.names
-        # hooks are objects, not closures, so a deep copy of the model gets its own (bound to its copy)
-        self.handles.append(layout.encoder.register_forward_pre_hook(_Begin(self)))
+        # the key hooks are objects, not closures, so a deep copy of the model gets its own
         for i in range(spec.start, layout.last + 1):
             block = layout.blocks[i]
             self.saved[i] = block.__dict__.get("forward", _MISSING)
             block.forward = _Block(self, i, block)  # type: ignore[method-assign]
             proj = getattr(getattr(block, attn), key)
             self.handles.append(proj.register_forward_hook(_Keys(self, i)))
-
-    def _begin(self, *_: Any) -> None:
-        self.state, self.schedule, self.merged_counts = None, [], []
-        self.keys.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -77,16 +72,6 @@ class TowerMerge:
                 block.__dict__["forward"] = prev
         self.state = None
         self.keys.clear()
-
-
-class _Begin:
-    """Encoder pre-hook: a new pass of the tower starts with no merging state."""
-
-    def __init__(self, owner: TowerMerge) -> None:
-        self.owner = owner
-
-    def __call__(self, *_: Any) -> None:
-        self.owner._begin()
 
 
 class _Keys:
@@ -110,10 +95,11 @@ class _Block:
         o, blk = self.owner, self.block
         norm1, attn, norm2, mlp, _ = o.layout.names
         spec = o.spec
-        if o.state is None or self.index == spec.start:  # the first merging block of this pass
+        if self.index == spec.start:  # the first merging block starts every pass of the tower
             B, n0, _ = hidden_states.shape
             o.state = MergeState.start(B, n0, hidden_states.device)
             o.schedule = spec.schedule(n0, o.layout.last + 1)
+            o.merged_counts = []
         bias = o.state.attention_bias(hidden_states.dtype)
         if bias is not None:
             if attention_mask is not None:
